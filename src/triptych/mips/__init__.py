@@ -1,0 +1,19 @@
+"""Paper 3: approximate maximum inner product search by spherical k-means after a MIPS → cosine reduction."""
+
+from triptych.mips.reductions import (
+    l2_alsh_items,
+    l2_alsh_queries,
+    sign_alsh_items,
+    sign_alsh_queries,
+    simple_lsh_items,
+    simple_lsh_queries,
+)
+
+__all__ = [
+    "l2_alsh_items",
+    "l2_alsh_queries",
+    "sign_alsh_items",
+    "sign_alsh_queries",
+    "simple_lsh_items",
+    "simple_lsh_queries",
+]
