@@ -8,7 +8,7 @@ from triptych._validation import as_float_matrix, check_choice, check_int, check
 
 def test_check_real_bounds_and_types():
     assert check_real("lr", 1) == 1.0
-    with pytest.raises(ValueError, match=r"lr must be > 0, got 0.0"):
+    with pytest.raises(ValueError, match=r"lr must be > 0.0, got 0.0"):
         check_real("lr", 0.0, low=0.0, low_inclusive=False)
     with pytest.raises(ValueError, match="finite"):
         check_real("lr", float("nan"))
