@@ -1,5 +1,12 @@
 """Datasets shared by the experiments: verified MNIST, distorted-MNIST generators, embeddings, synthetic sets."""
 
 from triptych.data.mnist import DataUnavailableError, load_mnist, parse_idx
+from triptych.data.streams import (
+    OnlineStream,
+    linear_regression_stream,
+    logistic_regression_stream,
+    mnist_stream,
+)
 
-__all__ = ["DataUnavailableError", "load_mnist", "parse_idx"]
+__all__ = ["DataUnavailableError", "OnlineStream", "linear_regression_stream", "load_mnist",
+           "logistic_regression_stream", "mnist_stream", "parse_idx"]
