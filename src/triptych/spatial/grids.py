@@ -144,14 +144,19 @@ def attention_grid(params: torch.Tensor, size: Sequence[int], *, align_corners: 
     return _points_last(base[:2] * scale + shift, (height, width))
 
 
-def _as_homography(theta: torch.Tensor) -> torch.Tensor:
-    """``(B, 8)`` paper parameters or ``(B, 3, 3)`` matrices -> ``(B, 3, 3)`` ``src_from_dst`` homographies."""
+def _homography_rows(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 8)`` paper parameters or ``(B, 3, 3)`` matrices -> numerator rows ``(B, 2, 3)``, denominator ``(B, 1, 3)``.
+
+    Kept apart (rather than one ``(B, 3, 3)`` matrix whose product is sliced) so the backward pass does not scatter
+    gradients of slices into zero-filled full-size tensors.
+    """
     if theta.dim() == 2 and theta.shape[1] == 8:
         check_tensor("theta", theta, floating=True, finite=True)
-        ones = torch.ones_like(theta[:, :1])
-        return torch.cat([theta, ones], dim=1).view(-1, 3, 3)
+        denominator = torch.cat([theta[:, 6:8], torch.ones_like(theta[:, :1])], dim=1)
+        return theta[:, :6].view(-1, 2, 3), denominator.view(-1, 1, 3)
     if theta.dim() == 3 and theta.shape[1:] == (3, 3):
-        return check_tensor("theta", theta, floating=True, finite=True)
+        check_tensor("theta", theta, floating=True, finite=True)
+        return theta[:, :2], theta[:, 2:]
     raise ValueError(f"theta must have shape Bx8 or Bx3x3, got {tuple(theta.shape)}")
 
 
@@ -162,8 +167,9 @@ def projective_grid(theta: torch.Tensor, size: Sequence[int], *, align_corners: 
                y^s = \\frac{\\theta_4 x^t + \\theta_5 y^t + \\theta_6}{\\theta_7 x^t + \\theta_8 y^t + 1}.
 
     With :math:`\\theta_7 = \\theta_8 = 0` this is the affine grid of ``[[θ1, θ2, θ3], [θ4, θ5, θ6]]``.
-    Denominators smaller in magnitude than the dtype's machine epsilon are clamped to ±eps (keeping their sign), so
-    points sent towards infinity sample the padding instead of producing NaN.
+    Denominators smaller in magnitude than the dtype's machine epsilon are moved to ±eps (keeping their sign, with
+    the gradient of the unclamped value), so points sent towards infinity sample the padding instead of producing
+    NaN.
 
     Args:
         theta: ``(B, 8)`` parameters :math:`\\theta_1..\\theta_8` or ``(B, 3, 3)`` ``src_from_dst`` homographies
@@ -173,14 +179,16 @@ def projective_grid(theta: torch.Tensor, size: Sequence[int], *, align_corners: 
     Returns:
         Grid ``(B, H, W, 2)`` of normalised source coordinates.
     """
-    src_from_dst = _as_homography(theta)
+    numerator_rows, denominator_row = _homography_rows(theta)
     height, width = _output_size(size, 2)
     base = _homogeneous_base_grid((height, width), _check_align_corners(align_corners), theta.dtype, theta.device)
-    homogeneous = _apply_matrices(src_from_dst, base)  # (B, 3, H*W)
-    denominator = homogeneous[:, 2:]
+    numerator = _apply_matrices(numerator_rows, base)  # (B, 2, H*W)
+    denominator = _apply_matrices(denominator_row, base)  # (B, 1, H*W)
     eps = torch.finfo(theta.dtype).eps
-    safe = torch.where(denominator.abs() >= eps, denominator, torch.full_like(denominator, eps).copysign(denominator))
-    return _points_last(homogeneous[:, :2] / safe, (height, width))
+    with torch.no_grad():  # move |w| < eps to ±eps; the gradient passes straight through (w + constant)
+        clamp = torch.where(denominator.abs() < eps, torch.full_like(denominator, eps).copysign(denominator)
+                            - denominator, torch.zeros_like(denominator))
+    return _points_last(numerator * (denominator + clamp).reciprocal(), (height, width))
 
 
 # --------------------------------------------------------------------------------------------------------------
