@@ -18,6 +18,7 @@ from triptych.spatial import (
     sample,
     tps_control_points,
     tps_grid,
+    window_parameters,
 )
 
 
@@ -146,6 +147,47 @@ def test_parallel_transformers_stack_outputs_along_channels():
     torch.testing.assert_close(y[:, :1], parallel.transformers[0](x))
     torch.testing.assert_close(y[:, 1:], parallel.transformers[1](x))
     assert not torch.allclose(y[:, :1], y[:, 1:])
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_tiled_parallel_transformers_start_on_the_quadrants(transform):
+    x = torch.rand(2, 1, 32, 32)
+    parallel = ParallelSpatialTransformers(
+        [SpatialTransformer(FCNLocalization(32), transform, output_size=(16, 16)) for _ in range(4)], tile=True)
+    y = parallel(x)
+    quadrants = [x[..., :16, :16], x[..., :16, 16:], x[..., 16:, :16], x[..., 16:, 16:]]  # row-major tiles
+    for k, quadrant in enumerate(quadrants):
+        torch.testing.assert_close(y[:, k:k + 1], quadrant, rtol=0, atol=1e-5)
+
+
+def test_reset_transform_sets_and_keeps_a_start_transform():
+    transformer = make("affine", size=16)
+    zoom = window_parameters("affine", (0.5, 0.5), (0.25, -0.25))
+    transformer.reset_transform(zoom)
+    x = torch.rand(2, 2, 16, 16)
+    expected = sample(x, affine_grid(torch.tensor(zoom).view(1, 2, 3).expand(2, 2, 3), (16, 16)))
+    torch.testing.assert_close(transformer(x), expected)
+    transformer.regression.reset_parameters()
+    torch.testing.assert_close(transformer(x), expected)  # kept across re-initialisation
+    transformer.reset_transform()
+    assert torch.equal(transformer(x), x)
+    with pytest.raises(ValueError, match="params must hold 6 values for transform 'affine', got 3"):
+        transformer.reset_transform((1.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="the attention transform has one scale"):
+        window_parameters("attention", (0.5, 1.0), (0.0, 0.0))
+
+
+def test_window_parameters_agree_across_families():
+    scale, shift = (0.5, 0.5), (0.2, -0.3)
+    transformers = {t: SpatialTransformer(FCNLocalization(8), t, output_size=(8, 8)) for t in TRANSFORMS}
+    x = torch.rand(1, 1, 8, 8)
+    outputs = []
+    for transform, module in transformers.items():
+        module.reset_transform(window_parameters(transform, scale, shift))
+        outputs.append(module(x))
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(outputs[0], x, atol=1e-2)
 
 
 def test_localisation_networks_have_the_paper_shapes():

@@ -35,6 +35,7 @@ from triptych.spatial.transformer import (
     ParallelSpatialTransformers,
     SpatialTransformer,
     identity_parameters,
+    window_parameters,
 )
 
 __all__ = [
@@ -60,4 +61,5 @@ __all__ = [
     "tps_control_points",
     "tps_grid",
     "tps_kernel",
+    "window_parameters",
 ]

@@ -18,7 +18,9 @@ Convention (every function in this module):
       the identity is off by one rounding (~1e-7 relative in float32), as it is with ``F.affine_grid``, which is
       exact at fewer sizes because it rounds twice;
     - what depends only on the output size and the control grid (pixel coordinates, the TPS system) is computed
-      once and cached per ``(size, align_corners, dtype, device)``; nothing here loops over the batch.
+      once and cached per ``(size, align_corners, dtype, device)``; nothing here loops over the batch, and each
+      family costs one GEMM for the whole batch. Grids come back as strided views of that ``(B, 2, H*W)`` product
+      (``grid_sample`` reads them as they are; use ``.reshape`` rather than ``.view`` on them).
 """
 
 from __future__ import annotations

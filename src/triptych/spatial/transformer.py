@@ -13,6 +13,7 @@ Convention: see :mod:`triptych.spatial.grids` (``src_from_dst`` grids in normali
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "ParallelSpatialTransformers",
     "SpatialTransformer",
     "identity_parameters",
+    "window_parameters",
 ]
 
 TRANSFORMS = ("affine", "attention", "projective", "tps")
@@ -62,6 +64,27 @@ def identity_parameters(transform: str, ctrl_shape: Sequence[int] = (4, 4)) -> t
         return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0)
     rows, cols = _check_ctrl_shape(ctrl_shape)
     return (0.0,) * (2 * rows * cols)
+
+
+def window_parameters(transform: str, scale: tuple[float, float], shift: tuple[float, float],
+                      ctrl_shape: Sequence[int] = (4, 4)) -> tuple[float, ...]:
+    """Flat :math:`\\theta` of the axis-aligned window map :math:`x^s = s_x x^t + t_x`, :math:`y^s = s_y y^t + t_y`.
+
+    The output then shows the window of half-sizes ``scale`` centred at ``shift`` (normalised coordinates);
+    ``scale=(1, 1), shift=(0, 0)`` is :func:`identity_parameters`. The attention family has one scale: it needs
+    ``s_x == s_y``.
+    """
+    check_choice("transform", transform, TRANSFORMS)
+    (sx, sy), (tx, ty) = (float(v) for v in scale), (float(v) for v in shift)
+    if transform == "attention":
+        if sx != sy:
+            raise ValueError(f"the attention transform has one scale; got scale={scale}")
+        return (sx, tx, ty)
+    if transform in ("affine", "projective"):
+        return (sx, 0.0, tx, 0.0, sy, ty) + ((0.0, 0.0) if transform == "projective" else ())
+    rest = tps_control_points(ctrl_shape, dtype=torch.float64)
+    offsets = rest * torch.tensor([sx, sy], dtype=torch.float64) + torch.tensor([tx, ty], dtype=torch.float64) - rest
+    return tuple(offsets.reshape(-1).tolist())
 
 
 class IdentityLinear(nn.Linear):
@@ -156,6 +179,20 @@ class SpatialTransformer(nn.Module):
         else:
             self.regression = IdentityLinear(check_int("localization.out_features", in_features, low=1), identity)
 
+    def reset_transform(self, params: Sequence[float] | None = None) -> None:
+        """Re-initialise the regression layer to output ``params`` (flat, default the identity) for every input.
+
+        The new initial transform is kept: a later ``reset_parameters()`` returns to it.
+        """
+        params = identity_parameters(self.transform, self.ctrl_shape) if params is None else tuple(params)
+        if len(params) != self.n_params:
+            raise ValueError(f"params must hold {self.n_params} values for transform {self.transform!r}, "
+                             f"got {len(params)}")
+        if not all(map(math.isfinite, params)):
+            raise ValueError(f"params must be finite, got {params}")
+        self.regression.identity = tuple(float(v) for v in params)
+        self.regression.reset_parameters()
+
     @property
     def n_params(self) -> int:
         """Number of regressed parameters per image."""
@@ -210,9 +247,14 @@ class ParallelSpatialTransformers(nn.Module):
     Each transformer has its own localisation network and transform family; they must produce the same output
     size. ``forward(x, return_params=False)`` returns ``(B, C * n, h, w)`` (transformer ``k``'s channels at
     ``k*C:(k+1)*C``), and with ``return_params=True`` also the list of each transformer's parameters.
+
+    Args:
+        transformers: the :class:`SpatialTransformer` modules.
+        tile: start the transformers on windows that tile the input (``rows x cols``, ``rows = floor(sqrt(n))``,
+            in row-major order) instead of all at the identity, so that they do not begin identical.
     """
 
-    def __init__(self, transformers: Iterable[SpatialTransformer]):
+    def __init__(self, transformers: Iterable[SpatialTransformer], *, tile: bool = False):
         super().__init__()
         self.transformers = nn.ModuleList(transformers)
         if len(self.transformers) == 0:
@@ -223,6 +265,15 @@ class ParallelSpatialTransformers(nn.Module):
         sizes = {module.output_size for module in self.transformers}
         if len(sizes) > 1:
             raise ValueError(f"all transformers must have the same output_size, got {sorted(map(str, sizes))}")
+        if check_bool("tile", tile):
+            n = len(self.transformers)
+            rows = math.isqrt(n)
+            cols = -(-n // rows)
+            for k, module in enumerate(self.transformers):
+                row, col = divmod(k, cols)
+                scale = (1.0 / cols, 1.0 / rows) if module.transform != "attention" else (1.0 / max(rows, cols),) * 2
+                shift = ((2 * col + 1) / cols - 1.0, (2 * row + 1) / rows - 1.0)
+                module.reset_transform(window_parameters(module.transform, scale, shift, module.ctrl_shape))
 
     def forward(self, x: torch.Tensor, return_params: bool = False):
         results = [module(x, return_params=True) for module in self.transformers]
