@@ -190,6 +190,23 @@ def test_window_parameters_agree_across_families():
     assert not torch.allclose(outputs[0], x, atol=1e-2)
 
 
+def test_volume_transformer_starts_at_identity_and_learns():
+    x = torch.rand(2, 1, 8, 16, 4)  # (B, C, D, H, W); dyadic sizes: the identity is exact
+    transformer = SpatialTransformer(nn.Flatten(), "affine3d")
+    y, theta = transformer(x, return_params=True)
+    assert torch.equal(y, x) and torch.equal(theta, torch.eye(3, 4).expand(2, 3, 4))
+    (transformer(x) - torch.roll(x, 1, dims=2)).square().mean().backward()
+    assert transformer.regression.bias.grad.abs().sum() > 0
+    smaller = SpatialTransformer(nn.Flatten(), "affine3d", output_size=(4, 8, 2))
+    assert smaller(x).shape == (2, 1, 4, 8, 2)
+    with pytest.raises(ValueError, match=r"x must have shape \*x\*x\*x\*x\*, got \(2, 1, 8, 16\)"):
+        transformer(x[..., 0])
+    with pytest.raises(ValueError, match="output_size must be a sequence of 3 positive integers"):
+        SpatialTransformer(nn.Flatten(), "affine3d", output_size=(4, 4))
+    with pytest.raises(ValueError, match="tile supports the image transforms"):
+        ParallelSpatialTransformers([transformer], tile=True)
+
+
 def test_localisation_networks_have_the_paper_shapes():
     cnn = CNNLocalization(60)
     convs = [m for m in cnn if isinstance(m, nn.Conv2d)]

@@ -28,6 +28,7 @@ from triptych.spatial.models import (
 )
 from triptych.spatial.transformer import (
     TRANSFORMS,
+    VOLUME_TRANSFORMS,
     CNNLocalization,
     FCNLocalization,
     IdentityLinear,
@@ -42,6 +43,7 @@ __all__ = [
     "INPUT_SIZES",
     "MODEL_NAMES",
     "TRANSFORMS",
+    "VOLUME_TRANSFORMS",
     "CNNLocalization",
     "DistortedMNISTNet",
     "FCNLocalization",

@@ -26,6 +26,7 @@ from triptych.spatial.grids import (
     _check_ctrl_shape,
     _tps_grid_from_offsets,
     affine_grid,
+    affine_grid_3d,
     attention_grid,
     projective_grid,
     sample,
@@ -34,6 +35,7 @@ from triptych.spatial.grids import (
 
 __all__ = [
     "TRANSFORMS",
+    "VOLUME_TRANSFORMS",
     "CNNLocalization",
     "FCNLocalization",
     "IdentityLinear",
@@ -44,7 +46,8 @@ __all__ = [
     "window_parameters",
 ]
 
-TRANSFORMS = ("affine", "attention", "projective", "tps")
+TRANSFORMS = ("affine", "attention", "projective", "tps")  # on images (B, C, H, W)
+VOLUME_TRANSFORMS = ("affine3d",)  # on volumes (B, C, D, H, W), paper appendix
 
 
 def identity_parameters(transform: str, ctrl_shape: Sequence[int] = (4, 4)) -> tuple[float, ...]:
@@ -53,9 +56,12 @@ def identity_parameters(transform: str, ctrl_shape: Sequence[int] = (4, 4)) -> t
     - ``"affine"``: 6 entries of :math:`A_\\theta` row by row, ``(1, 0, 0, 0, 1, 0)``;
     - ``"attention"``: ``(s, t_x, t_y) = (1, 0, 0)``;
     - ``"projective"``: :math:`\\theta_1..\\theta_8` = ``(1, 0, 0, 0, 1, 0, 0, 0)``;
-    - ``"tps"``: ``2K`` control-point offsets from rest, all zero (``K = rows * cols``).
+    - ``"tps"``: ``2K`` control-point offsets from rest, all zero (``K = rows * cols``);
+    - ``"affine3d"``: 12 entries of the ``3 x 4`` matrix row by row.
     """
-    check_choice("transform", transform, TRANSFORMS)
+    check_choice("transform", transform, TRANSFORMS + VOLUME_TRANSFORMS)
+    if transform == "affine3d":
+        return (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     if transform == "affine":
         return (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     if transform == "attention":
@@ -141,12 +147,14 @@ class SpatialTransformer(nn.Module):
     """A spatial transformer: warps its input by a transform regressed from that input.
 
     Args:
-        localization: :math:`f_{loc}`, maps the input ``(B, C, H, W)`` to features ``(B, F)``. If it has an
+        localization: :math:`f_{loc}`, maps the input ``(B, C, H, W)`` (or volume ``(B, C, D, H, W)``) to features
+            ``(B, F)``. If it has an
             ``out_features`` attribute (as :class:`FCNLocalization` and :class:`CNNLocalization` do) the regression
             layer is built at once; otherwise F is inferred on the first forward.
         transform: ``"affine"`` (6 parameters), ``"attention"`` (3: scale and translation), ``"projective"`` (8) or
-            ``"tps"`` (thin plate spline, 2K control-point offsets).
-        output_size: ``(h, w)`` of the output; ``None`` keeps the input size. Down-sampling can alias.
+            ``"tps"`` (thin plate spline, 2K control-point offsets); for volumes, ``"affine3d"`` (12).
+        output_size: ``(h, w)`` (``(d, h, w)`` for volumes) of the output; ``None`` keeps the input size.
+            Down-sampling can alias.
         align_corners: used by both the grid generator and the sampler (module convention).
         ctrl_shape: ``(rows, cols)`` of the TPS control lattice (``"tps"`` only); the paper uses 4 x 4.
         padding_mode: sampler padding, ``"zeros"`` as in the paper.
@@ -157,7 +165,8 @@ class SpatialTransformer(nn.Module):
 
     ``forward(x, return_params=False)`` returns the warped ``(B, C, h, w)``, and with ``return_params=True`` also
     the transform in its natural form: affine ``(B, 2, 3)``, attention ``(B, 3)``, projective ``(B, 3, 3)``, TPS
-    absolute control points ``(B, K, 2)`` (what :func:`~triptych.spatial.grids.tps_grid` takes). The input is
+    absolute control points ``(B, K, 2)`` (what :func:`~triptych.spatial.grids.tps_grid` takes), 3-D affine
+    ``(B, 3, 4)``. The input is
     sampled as it is: normalise *after* the transformer, or zero padding becomes a bright border (see the notes).
     """
 
@@ -166,8 +175,10 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         if not isinstance(localization, nn.Module):
             raise TypeError(f"localization must be a torch.nn.Module, got {type(localization).__name__}")
-        self.transform = check_choice("transform", transform, TRANSFORMS)
-        self.output_size = None if output_size is None else check_size("output_size", output_size, 2)
+        self.transform = check_choice("transform", transform, TRANSFORMS + VOLUME_TRANSFORMS)
+        self.spatial_dims = 3 if transform in VOLUME_TRANSFORMS else 2
+        self.output_size = (None if output_size is None
+                            else check_size("output_size", output_size, self.spatial_dims))
         self.align_corners = check_bool("align_corners", align_corners)
         self.ctrl_shape = _check_ctrl_shape(ctrl_shape)
         self.padding_mode = check_choice("padding_mode", padding_mode, ("zeros", "border", "reflection"))
@@ -214,6 +225,8 @@ class SpatialTransformer(nn.Module):
         batch = theta.shape[0]
         if self.transform == "affine":
             return theta.view(batch, 2, 3)
+        if self.transform == "affine3d":
+            return theta.view(batch, 3, 4)
         if self.transform == "projective":
             return torch.cat([theta, torch.ones_like(theta[:, :1])], dim=1).view(batch, 3, 3)
         if self.transform == "tps":
@@ -222,10 +235,12 @@ class SpatialTransformer(nn.Module):
         return theta
 
     def grid(self, theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-        """Sampling grid ``(B, h, w, 2)`` for flat parameters ``theta`` ``(B, n_params)``."""
+        """Sampling grid ``(B, h, w, 2)`` (``(B, d, h, w, 3)``) for flat parameters ``theta`` ``(B, n_params)``."""
         check_tensor("theta", theta, shape=(None, self.n_params), floating=True, finite=True)
         if self.transform == "affine":
             return affine_grid(theta.view(-1, 2, 3), size, align_corners=self.align_corners)
+        if self.transform == "affine3d":
+            return affine_grid_3d(theta.view(-1, 3, 4), size, align_corners=self.align_corners)
         if self.transform == "attention":
             return attention_grid(theta, size, align_corners=self.align_corners)
         if self.transform == "projective":
@@ -234,9 +249,9 @@ class SpatialTransformer(nn.Module):
         return _tps_grid_from_offsets(theta.view(theta.shape[0], -1, 2), size, self.ctrl_shape, self.align_corners)
 
     def forward(self, x: torch.Tensor, return_params: bool = False):
-        check_tensor("x", x, shape=(None, None, None, None), floating=True)
+        check_tensor("x", x, shape=(None,) * (2 + self.spatial_dims), floating=True)
         theta = self.regress(x)
-        size = self.output_size or tuple(x.shape[-2:])
+        size = self.output_size or tuple(x.shape[2:])
         warped = sample(x, self.grid(theta, size), align_corners=self.align_corners, padding_mode=self.padding_mode)
         return (warped, self.natural_params(theta)) if return_params else warped
 
@@ -266,6 +281,9 @@ class ParallelSpatialTransformers(nn.Module):
         if len(sizes) > 1:
             raise ValueError(f"all transformers must have the same output_size, got {sorted(map(str, sizes))}")
         if check_bool("tile", tile):
+            volumes = [module.transform for module in self.transformers if module.spatial_dims != 2]
+            if volumes:
+                raise ValueError(f"tile supports the image transforms {TRANSFORMS}, got {volumes}")
             n = len(self.transformers)
             rows = math.isqrt(n)
             cols = -(-n // rows)
