@@ -1,0 +1,134 @@
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from triptych.data.distorted_mnist import DISTORTIONS
+from triptych.experiments import stn
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "mnist"
+needs_mnist = pytest.mark.skipif(
+    not (SHARED / "SHA256SUMS.raw").is_file() and not os.environ.get("TRIPTYCH_MNIST_DIR"),
+    reason="no local MNIST copy")
+TINY_CELLS = (("R", "FCN"), ("R", "ST-FCN Aff"))
+
+
+def _tiny_config(**changes) -> stn.STNConfig:
+    config = stn.STNConfig(scale="quick", seed=0, cells=TINY_CELLS, iterations=3, batch_size=16, lr=0.01,
+                           validation_size=500, eval_every=2, curve_validation_size=100, test_size=200, device="cpu")
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    if not os.environ.get("TRIPTYCH_MNIST_DIR") and SHARED.is_dir():
+        os.environ["TRIPTYCH_MNIST_DIR"] = str(SHARED.resolve())
+    out = tmp_path_factory.mktemp("stn")
+    report = stn.run(_tiny_config(), out)
+    return out, report
+
+
+def test_configs_cover_the_table_and_refuse_unknown_scales():
+    quick, full, paper = (stn.make_config(s) for s in ("quick", "full", "paper"))
+    assert quick.cells == (("RTS", "CNN"), ("RTS", "ST-CNN Aff"))
+    assert len(full.cells) == 26 and len(set(full.cells)) == 26
+    assert {m for _, m in full.cells} == set(stn.TABLE_MODELS)
+    assert [m for d, m in full.cells if d == "TC"] == ["CNN", "ST-CNN Aff"]
+    assert paper.iterations == 150_000 and paper.batch_size == 256 and paper.cells == full.cells
+    assert (paper.lr, paper.momentum) == (0.01, 0.0)  # the paper's own recipe
+    assert full.batch_size == quick.batch_size == 256
+    with pytest.raises(ValueError, match="scale must be one of"):
+        stn.make_config("huge")
+
+
+def test_optimizer_gives_the_localisation_net_its_own_rate_and_drops_by_ten():
+    torch.manual_seed(0)
+    model = stn.new_model("ST-FCN Aff", "R", seed=0)
+    config = _tiny_config(iterations=9, lr=0.1, loc_lr_factor=0.25)
+    optimizer, scheduler = stn.make_optimizer(model, config)
+    main, loc = optimizer.param_groups
+    assert {id(p) for p in loc["params"]} == {id(p) for p in model.transformer.parameters()}
+    assert len(main["params"]) + len(loc["params"]) == len(list(model.parameters()))
+    rates = []
+    for _ in range(9):
+        rates.append((main["lr"], loc["lr"]))
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx((0.1, 0.025))
+    assert rates[3] == pytest.approx((0.01, 0.0025)) and rates[2] == pytest.approx((0.1, 0.025))
+    assert rates[6] == pytest.approx((0.001, 0.00025)) and rates[5] == pytest.approx((0.01, 0.0025))
+
+
+def test_targets_are_computed_from_the_numbers():
+    def record(distortion, model, error):
+        return {"distortion": distortion, "model": model, "test_error": error}
+
+    records = [record("R", "CNN", 2.0), record("R", "ST-CNN Aff", 1.0), record("R", "ST-CNN TPS", 3.0),
+               record("P", "CNN", 1.0), record("P", "ST-CNN Aff", 1.5), record("TC", "CNN", 5.0),
+               record("TC", "ST-CNN Aff", 3.5)]
+    checks = {c["target"]: c["met"] for c in stn.targets(records)}
+    assert checks["ST-CNN beats CNN on R"] is True  # the best ST-CNN variant counts
+    assert checks["ST-CNN beats CNN on P"] is False
+    assert checks["ST-CNN Aff on R within 2× the paper"] is True  # 1.0 <= 2 * 0.7
+    assert checks["ST-CNN TPS on R within 2× the paper"] is False  # 3.0 > 2 * 0.7
+    assert checks["ST-CNN Aff on TC ≤ 3%"] is False
+    assert not any("FCN" in target for target in checks)  # no FCN cells, no FCN target
+
+
+def test_cuda_request_without_a_gpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        stn.resolve_device("cuda")
+    assert stn.resolve_device("auto") == torch.device("cpu")
+
+
+@needs_mnist
+def test_tiny_run_writes_cells_table_and_figures(tiny_run):
+    out, report = tiny_run
+    for distortion, model in TINY_CELLS:
+        cell = json.loads((out / "cells" / f"{stn.cell_name(distortion, model)}.json").read_text())
+        assert cell["fingerprint"] == _tiny_config().fingerprint()
+        assert 0.0 <= cell["test_error"] <= 100.0 and 0.0 <= cell["validation_error"] <= 100.0
+        assert cell["curve"]["iteration"] == [2, 3] and len(cell["curve"]["train_loss"]) == 2
+        assert (out / "cells" / f"{stn.cell_name(distortion, model)}.pt").is_file()
+    table = json.loads((out / "table1.json").read_text())
+    assert set(table) == {"budget", "errors"} and "3 SGD steps of batch 16" in table["budget"]
+    assert set(table["errors"]) == {"FCN", "ST-FCN Aff"} and set(table["errors"]["FCN"]) == {"R"}
+    assert all(set(row) <= set(DISTORTIONS) and all(isinstance(v, float) for v in row.values())
+               for row in table["errors"].values())
+    assert set(table["errors"]) <= set(stn.PAPER_ERRORS)
+    for figure in report.figures:
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    assert "stn_mean_pose.png" in report.figures and "## Targets" in "\n".join(report.sections)
+
+
+@needs_mnist
+def test_saved_cells_are_reused_and_only_missing_or_stale_cells_train(tiny_run, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    saved = {p.name: p.read_bytes() for p in (out / "cells").iterdir()}
+    trained = []
+
+    def fake_train(distortion, model_name, splits, config, device):
+        trained.append((distortion, model_name))
+        record = json.loads(saved[f"{stn.cell_name(distortion, model_name)}.json"])
+        return {**record, "fingerprint": config.fingerprint()}, stn.new_model(model_name, distortion, 0)
+
+    monkeypatch.setattr(stn, "train_cell", fake_train)
+    records, _ = stn.run_cells(_tiny_config(), out)
+    assert trained == [] and [(r["distortion"], r["model"]) for r in records] == list(TINY_CELLS)
+    assert {p.name: p.read_bytes() for p in (out / "cells").iterdir()} == saved  # untouched
+
+    (out / "cells" / f"{stn.cell_name(*TINY_CELLS[1])}.json").unlink()  # a run stopped before its last cell
+    stn.run_cells(_tiny_config(), out)
+    assert trained == [TINY_CELLS[1]]
+
+    trained.clear()
+    stn.run_cells(_tiny_config(iterations=4), out)  # another budget: every cell is stale
+    assert trained == list(TINY_CELLS)
+    assert not [p for p in (out / "cells").iterdir() if p.name.endswith(".tmp")]
