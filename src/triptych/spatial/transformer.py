@@ -23,6 +23,7 @@ from torch.nn.parameter import UninitializedParameter
 
 from triptych._validation import check_bool, check_choice, check_int, check_size, check_tensor
 from triptych.spatial.grids import (
+    PADDING_MODES,
     _check_ctrl_shape,
     _tps_grid_from_offsets,
     affine_grid,
@@ -168,6 +169,13 @@ class SpatialTransformer(nn.Module):
     absolute control points ``(B, K, 2)`` (what :func:`~triptych.spatial.grids.tps_grid` takes), 3-D affine
     ``(B, 3, 4)``. The input is
     sampled as it is: normalise *after* the transformer, or zero padding becomes a bright border (see the notes).
+
+    Example:
+        >>> transformer = SpatialTransformer(CNNLocalization(28), "tps")
+        >>> x = torch.rand(8, 1, 28, 28)
+        >>> y, control_points = transformer(x, return_params=True)  # a new transformer is the identity
+        >>> y.shape, control_points.shape
+        (torch.Size([8, 1, 28, 28]), torch.Size([8, 16, 2]))
     """
 
     def __init__(self, localization: nn.Module, transform: str = "affine", output_size: Sequence[int] | None = None,
@@ -181,7 +189,7 @@ class SpatialTransformer(nn.Module):
                             else check_size("output_size", output_size, self.spatial_dims))
         self.align_corners = check_bool("align_corners", align_corners)
         self.ctrl_shape = _check_ctrl_shape(ctrl_shape)
-        self.padding_mode = check_choice("padding_mode", padding_mode, ("zeros", "border", "reflection"))
+        self.padding_mode = check_choice("padding_mode", padding_mode, PADDING_MODES)
         self.localization = localization
         identity = identity_parameters(transform, self.ctrl_shape)
         in_features = getattr(localization, "out_features", None)
