@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # Paper name -> module implementing make_config(scale, seed) and run(config, out_dir).
 PAPERS = {
     "llr": "triptych.experiments.llr",
+    "stn": "triptych.experiments.stn",
 }
 SCALES = ("quick", "full", "paper")
 
