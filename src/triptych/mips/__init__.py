@@ -1,5 +1,7 @@
 """Paper 3: approximate maximum inner product search by spherical k-means after a MIPS → cosine reduction."""
 
+from triptych.mips.index import ClusterIndex, SearchStats
+from triptych.mips.kmeans import SphericalKMeans
 from triptych.mips.reductions import (
     l2_alsh_items,
     l2_alsh_queries,
@@ -10,6 +12,9 @@ from triptych.mips.reductions import (
 )
 
 __all__ = [
+    "ClusterIndex",
+    "SearchStats",
+    "SphericalKMeans",
     "l2_alsh_items",
     "l2_alsh_queries",
     "sign_alsh_items",
