@@ -141,7 +141,7 @@ def test_padding_when_k_exceeds_the_items(cls):
 @pytest.mark.parametrize("cls", [*HASHES, PCATreeIndex])
 def test_errors_say_what_went_wrong(cls, data):
     index = cls(DIM)
-    with pytest.raises(RuntimeError, match="must be trained"):
+    with pytest.raises(ValueError, match="must be trained before search"):
         index.search(data.queries, 1)
     _built(index, data.items)
     with pytest.raises(ValueError, match="d = 16 columns"):

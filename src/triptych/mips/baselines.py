@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -213,14 +214,18 @@ def _rerank_leaves(items_by_leaf: torch.Tensor, ids_by_leaf: torch.Tensor, leaf_
     return scores, ids, leaf_sizes[visited].sum(1)
 
 
-def _not_trained(name: str) -> RuntimeError:
-    return RuntimeError(f"{name} must be trained before use: call train(x) first")
+def _not_trained(name: str, action: str) -> ValueError:
+    return ValueError(f"the {name} must be trained before {action}; call train(x) first")
 
 
-def _as_results(scores: torch.Tensor, ids: torch.Tensor, stats: SearchStats, return_stats: bool):
-    if return_stats:
-        return scores.numpy(), ids.numpy(), stats
-    return scores.numpy(), ids.numpy()
+def _as_results(scores: torch.Tensor, ids: torch.Tensor, return_stats: bool, *, started: float,
+                dot_products: float, candidates: float, leaves_probed: float):
+    """``(scores, ids)`` as numpy, plus the :class:`SearchStats` of the call (means per query) when asked."""
+    if not return_stats:
+        return scores.numpy(), ids.numpy()
+    stats = SearchStats(dot_products=dot_products, candidates=candidates, leaves_probed=leaves_probed,
+                        n_queries=scores.shape[0], seconds=time.perf_counter() - started)
+    return scores.numpy(), ids.numpy(), stats
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -246,7 +251,7 @@ class ExactIndex:
         return self.items_.shape[0]
 
     def train(self, x: Any) -> ExactIndex:
-        """Nothing to learn; checks ``x`` and returns ``self``."""
+        """Nothing to learn (as faiss's flat index); checks ``x`` and returns ``self``."""
         as_float_matrix("x", x, dim=self.dim)
         return self
 
@@ -257,11 +262,12 @@ class ExactIndex:
 
     def search(self, queries: Any, k: int, *, return_stats: bool = False):
         """The exact top ``k`` of each query ``(n, d)``: numpy ``(n, k)`` scores and ids (+ stats)."""
+        started = time.perf_counter()
         queries = as_float_matrix("queries", queries, dim=self.dim).cpu()
         k = check_int("k", k, low=1)
         scores, ids = _exact_top_k(self.items_, queries, k, self.block_elements)
-        stats = SearchStats(dot_products=float(self.ntotal), candidates=float(self.ntotal))
-        return _as_results(scores, ids, stats, return_stats)
+        return _as_results(scores, ids, return_stats, started=started, dot_products=float(self.ntotal),
+                           candidates=float(self.ntotal), leaves_probed=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,7 +329,7 @@ class _HashIndex:
     def add(self, x: Any) -> _HashIndex:
         """Append items ``(N, d)`` and rebuild the tables (a larger norm than ``M`` raises ``M`` first)."""
         if self.max_norm_ is None:
-            raise _not_trained(self._name)
+            raise _not_trained(self._name, "add")
         x = as_float_matrix("x", x, dim=self.dim).cpu()
         self.items_ = torch.cat([self.items_, x])
         largest = float(torch.linalg.vector_norm(x, dim=1).max()) if x.shape[0] else 0.0
@@ -361,8 +367,9 @@ class _HashIndex:
             numpy ``scores`` ``(n, k)`` float32 and ``ids`` ``(n, k)`` int64, plus :class:`SearchStats` when
             ``return_stats``.
         """
+        started = time.perf_counter()
         if self.max_norm_ is None:
-            raise _not_trained(self._name)
+            raise _not_trained(self._name, "search")
         queries = as_float_matrix("queries", queries, dim=self.dim).cpu()
         k = check_int("k", k, low=1)
         tables = self.n_tables if tables is None else check_int("tables", tables, low=1, high=self.n_tables)
@@ -377,8 +384,8 @@ class _HashIndex:
         scores, ids, n_candidates = _rerank_ranges(self.items_, queries, self.members_, starts, lengths, k,
                                                    deduplicate=tables > 1)
         mean_candidates = float(n_candidates.double().mean()) if n else 0.0
-        stats = SearchStats(dot_products=tables * self.n_hashes + mean_candidates, candidates=mean_candidates)
-        return _as_results(scores, ids, stats, return_stats)
+        return _as_results(scores, ids, return_stats, started=started, candidates=mean_candidates,
+                           dot_products=tables * self.n_hashes + mean_candidates, leaves_probed=float(tables))
 
 
 class L2ALSHIndex(_HashIndex):
@@ -525,7 +532,7 @@ class PCATreeIndex:
     def n_leaves(self) -> int:
         """``2^D``."""
         if self.max_norm_ is None:
-            raise _not_trained("PCATreeIndex")
+            raise _not_trained("PCATreeIndex", "n_leaves")
         return 1 << self.depth_
 
     def train(self, x: Any) -> PCATreeIndex:
@@ -574,7 +581,7 @@ class PCATreeIndex:
     def add(self, x: Any) -> PCATreeIndex:
         """Append items ``(N, d)`` and route them to their leaves (a norm above ``Φ`` refits on all items)."""
         if self.max_norm_ is None:
-            raise _not_trained("PCATreeIndex")
+            raise _not_trained("PCATreeIndex", "add")
         x = as_float_matrix("x", x, dim=self.dim).cpu()
         self.items_ = torch.cat([self.items_, x])
         largest = float(torch.linalg.vector_norm(x, dim=1).max()) if x.shape[0] else 0.0
@@ -608,8 +615,9 @@ class PCATreeIndex:
         Returns:
             numpy ``scores`` ``(n, k)`` and ``ids`` ``(n, k)``, plus :class:`SearchStats` when ``return_stats``.
         """
+        started = time.perf_counter()
         if self.max_norm_ is None:
-            raise _not_trained("PCATreeIndex")
+            raise _not_trained("PCATreeIndex", "search")
         queries = as_float_matrix("queries", queries, dim=self.dim).cpu()
         k = check_int("k", k, low=1)
         leaves = check_int("leaves", leaves, low=1, high=self.n_leaves)
@@ -625,5 +633,5 @@ class PCATreeIndex:
         mean_candidates = float(n_candidates.double().mean()) if n else 0.0
         # Ranking the leaves costs D·2^D scalar operations, counted as that many d-dimensional dot products' worth.
         ranking = self.depth_ * self.n_leaves / (self.dim + 1) if leaves > 1 else 0.0
-        stats = SearchStats(dot_products=self.depth_ + ranking + mean_candidates, candidates=mean_candidates)
-        return _as_results(scores, ids, stats, return_stats)
+        return _as_results(scores, ids, return_stats, started=started, candidates=mean_candidates,
+                           dot_products=self.depth_ + ranking + mean_candidates, leaves_probed=float(leaves))
