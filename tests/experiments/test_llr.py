@@ -26,7 +26,7 @@ def tiny_config(**overrides) -> llr.LLRConfig:
                      lr_grid=(1e-3, 1e-1, 10.0), baseline_lr_grid=(1e-3, 1e-2, 1e-1, 10.0),
                      hyper_lr_grid=(2e-3, 2e-2, 2e-1), default_hyper_lr=2e-2, hd_hyper_lr_grid=(1e-3,),
                      n_heldout=200, mnist_samples=48, mnist_heldout=20, mnist_lr_grid=(1e-2, 1e-1), mnist_hidden=8,
-                     n_records=20, target_lr_range=(1e-3, 1e-1), aim_lr_range=(1e-3, 10.0))
+                     n_records=20, target_lr_range=(1e-3, 1e-1), aim_lr_range=(1e-3, 10.0), workers=1)
     return replace(config, **overrides)
 
 
@@ -167,3 +167,15 @@ def test_tiny_end_to_end_report(tmp_path, monkeypatch):
     assert all(isinstance(t["met"], bool) for t in targets)
     assert any("E2" in t["experiment"] and "cumulative" in t["target"] for t in targets)
     json.loads((tmp_path / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_same_results():
+    config = tiny_config(experiments=("E1", "E3"))
+    sequential = llr.run_experiments(config)
+    parallel = llr.run_experiments(replace(config, workers=2))
+    assert list(parallel) == ["E1", "E3"]
+    for name in ("E1", "E3"):
+        for a, b in zip(sequential[name][0].runs, parallel[name][0].runs, strict=True):
+            assert (a.method, a.hparams) == (b.method, b.hparams)
+            assert a.cumulative_loss == b.cumulative_loss and a.final_loss == b.final_loss

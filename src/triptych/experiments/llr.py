@@ -32,8 +32,10 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import multiprocessing
 import statistics
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +47,7 @@ import torch.nn.functional as F
 from triptych._validation import check_choice, check_int
 from triptych.data.mnist import load_mnist
 from triptych.data.streams import OnlineStream, linear_regression_stream, logistic_regression_stream, mnist_stream
-from triptych.experiments.report import Report, markdown_table, progress, save_figure
+from triptych.experiments.report import Report, markdown_table, progress, save_figure, set_quiet
 from triptych.optim import LLR, SGDHD
 from triptych.optim.llr import DEFAULT_HYPER_LR
 
@@ -98,6 +100,8 @@ class LLRConfig:
         mnist_lr_grid: ``η_0`` grid of E4 for every method (E4's runs are costlier).
         n_records: how many points of ``η_t`` and of the running loss are kept per run.
         target_lr_range: the ``η_0`` range the issue's targets require, and the range they aim for.
+        workers: experiments run in parallel processes (each one deterministic, so the results do not depend
+            on it); :func:`make_config` uses one per torch thread (``--threads``).
     """
 
     scale: str
@@ -114,7 +118,7 @@ class LLRConfig:
     mnist_heldout: int | None
     mnist_lr_grid: tuple[float, ...]
     mnist_hidden: int = 100
-    mnist_batch: int = 16
+    mnist_batch: int = 32
     divergence_factor: float = 1e6
     regression_dim: int = 20
     logistic_dim: int = 50
@@ -125,6 +129,7 @@ class LLRConfig:
     n_records: int = 400
     target_lr_range: tuple[float, float] = (1e-4, 1.0)
     aim_lr_range: tuple[float, float] = (1e-5, 10.0)
+    workers: int = 1
 
 
 def _log_grid(low_exp: float, high_exp: float, per_decade: int) -> tuple[float, ...]:
@@ -146,11 +151,11 @@ def make_config(scale: str = "quick", seed: int = 0) -> LLRConfig:
                          "(its full text was not available); use 'quick' or 'full'")
     common = {"scale": scale, "seed": seed, "experiments": EXPERIMENTS, "lr_grid": _log_grid(-5, 1, 1),
               "hyper_lr_grid": tuple(float(f"{DEFAULT_HYPER_LR * 10.0 ** k:.3g}") for k in (-2, -1, 0, 1)),
-              "default_hyper_lr": DEFAULT_HYPER_LR}
+              "default_hyper_lr": DEFAULT_HYPER_LR, "workers": max(1, torch.get_num_threads())}
     if scale == "quick":
-        return LLRConfig(**common, n_steps=1500, baseline_lr_grid=_log_grid(-5, 1, 2), hd_hyper_lr_grid=(1e-3,),
-                         inverse_time_t0=(0.1,), mnist_samples=6000, mnist_heldout=2000,
-                         mnist_lr_grid=_log_grid(-5, 1, 1), mnist_hidden=50)
+        return LLRConfig(**common, n_steps=1000, baseline_lr_grid=_log_grid(-5, 1, 2), hd_hyper_lr_grid=(1e-3,),
+                         inverse_time_t0=(0.1,), mnist_samples=2400, mnist_heldout=2000,
+                         mnist_lr_grid=_log_grid(-5, 1, 1), mnist_hidden=32)
     return LLRConfig(**common, n_steps=20_000, baseline_lr_grid=_log_grid(-5, 1, 4),
                      hd_hyper_lr_grid=(1e-4, 1e-3, 1e-2), inverse_time_t0=(0.01, 0.1), mnist_samples=None,
                      mnist_heldout=None, mnist_lr_grid=_log_grid(-5, 1, 1))
@@ -196,38 +201,37 @@ class StackedParameters:
     """``K`` independent copies of one model's parameters, stacked for one forward/backward.
 
     ``stacked[j]`` is a leaf ``(K, *shape_j)``; ``per_run[k][j]`` is a leaf view of row ``k`` that shares its
-    storage, so run ``k``'s optimizer updates the stacked tensor in place. Its ``.grad`` is a view of row ``k``
-    of ``grads[j]``, which :meth:`set_grads` fills from one backward pass.
+    storage, so run ``k``'s optimizer updates the stacked tensor in place. :meth:`set_grads` backpropagates once
+    and points each live run's ``.grad`` at its row of the fresh gradients ``grads[j]`` (no copy).
     """
 
     stacked: list[torch.Tensor]
-    grads: list[torch.Tensor]
     per_run: list[list[torch.Tensor]]
+    live: list[int]
+    grads: list[torch.Tensor] = field(default_factory=list)
 
     @classmethod
     def replicate(cls, initial: Sequence[torch.Tensor], n_runs: int) -> StackedParameters:
         """``n_runs`` copies of the parameters ``initial`` (each run starts from the same point)."""
         stacked = [p.detach().unsqueeze(0).repeat(n_runs, *([1] * p.dim())).requires_grad_() for p in initial]
-        grads = [torch.zeros_like(p) for p in stacked]
-        per_run = []
-        for k in range(n_runs):
-            views = []
-            for p, g in zip(stacked, grads, strict=True):
-                view = p.detach()[k].requires_grad_()
-                view.grad = g[k]
-                views.append(view)
-            per_run.append(views)
-        return cls(stacked, grads, per_run)
+        per_run = [[p.detach()[k].requires_grad_() for p in stacked] for k in range(n_runs)]
+        return cls(stacked, per_run, list(range(n_runs)))
 
     def set_grads(self, total_loss: torch.Tensor) -> None:
-        """Backpropagate ``total_loss`` (the sum of the runs' losses) into every run's ``.grad``."""
-        for buffer, grad in zip(self.grads, torch.autograd.grad(total_loss, self.stacked), strict=True):
-            buffer.copy_(grad)
+        """Backpropagate ``total_loss`` (the sum of the runs' losses) into every live run's ``.grad``."""
+        self.grads = list(torch.autograd.grad(total_loss, self.stacked))
+        for k in self.live:
+            for view, grad in zip(self.per_run[k], self.grads, strict=True):
+                view.grad = grad[k]
 
-    def unlink_grads(self, k: int) -> None:
-        """Give run ``k`` no gradient, so that optimizers skip it from now on (a stopped run)."""
+    def stop(self, k: int) -> None:
+        """Stop run ``k``: no gradient from now on (optimizers skip it), parameters parked at 0 (finite)."""
+        self.live.remove(k)
         for view in self.per_run[k]:
             view.grad = None
+            view.detach().zero_()
+        for grad in self.grads:
+            grad[k].zero_()
 
 
 def initial_parameters(stream: OnlineStream, hidden: int, seed: int) -> tuple[list[torch.Tensor], Forward]:
@@ -441,12 +445,9 @@ def run_online(stream: OnlineStream, specs: Sequence[RunSpec], *, initial: Seque
             losses = torch.where(alive, losses, 0.0)
         cumulative += torch.where(alive, observed, 0.0)
         params.set_grads(losses.sum())
-        if newly_failed:  # stop the runs; park them at a finite point so later shared passes stay finite
+        if newly_failed:
             for k in newly_failed:
-                params.unlink_grads(k)
-                for theta, grad in zip(params.stacked, params.grads, strict=True):
-                    theta.detach()[k].zero_()
-                    grad[k].zero_()
+                params.stop(k)
             active = [(optimizer, runs) for optimizer, runs in active if any(alive[k] for k in runs)]
         if len(plain):
             lr = plain_lr0 / (1.0 + t * plain_inv_t0) * alive[plain]
@@ -619,18 +620,25 @@ def check_targets(summaries: dict[str, dict[str, Any]], config: LLRConfig) -> li
                        "measured": f"LLR worst {worst:.3g} (η_0 = {worst_lr:g}), best {best_llr:.3g}; best rival "
                                    f"{best_rival} {rivals[best_rival]:.3g} (ratios to best fixed SGD)"})
     for name, summary in summaries.items():
-        spread = summary["eta_spread"]
+        spread, in_range = summary["eta_spread"], summary["eta_spread_target_range"]
         first = spread["first_within_2"]
         checks.append({"target": "η_t curves from all η_0 within a factor 2 of each other within the first 10 % "
                                  f"of steps (μ = {mu:g})",
                        "experiment": name, "met": spread["spread_at_10pct"] <= 2.0,
                        "measured": f"max/min η at 10 % = {spread['spread_at_10pct']:.3g} over "
-                                   f"{spread['n_curves']} curves; stays ≤ 2 from step "
-                                   f"{first if first is not None else 'never'} of {summary['n_steps']}"})
+                                   f"{spread['n_curves']} curves (η_0 in [{config.target_lr_range[0]:g}, "
+                                   f"{config.target_lr_range[1]:g}]: {in_range['spread_at_10pct']:.3g}); stays ≤ 2 "
+                                   f"from step {first if first is not None else 'never'} of {summary['n_steps']}"})
     return checks
 
 
 # -------------------------------------------------------------------------------------------------- figures
+def _panels(n_cols: int, n_rows: int = 1) -> tuple[plt.Figure, Any]:
+    """A figure of ``n_rows × n_cols`` panels with a layout that keeps titles and labels apart."""
+    return plt.subplots(n_rows, n_cols, figsize=(3.9 * n_cols + 1.5, 3.4 * n_rows), squeeze=False,
+                        layout="constrained")
+
+
 def _lr_colors(lr_grid: Sequence[float]) -> dict[float, Any]:
     cmap = plt.get_cmap("viridis")
     return {lr0: cmap(i / max(1, len(lr_grid) - 1)) for i, lr0 in enumerate(lr_grid)}
@@ -638,7 +646,7 @@ def _lr_colors(lr_grid: Sequence[float]) -> dict[float, Any]:
 
 def plot_eta(grids: dict[str, GridResult], config: LLRConfig, out_dir: Path) -> str:
     """One panel per experiment: LLR's ``η_t`` from every ``η_0`` (default μ), log y; dashed: best fixed η."""
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.6), squeeze=False)
+    fig, axes = _panels(len(grids))
     for ax, (name, grid) in zip(axes[0], grids.items(), strict=True):
         runs = _select(grid.runs, LLR_NAME, hyper_lr=config.default_hyper_lr)
         colors = _lr_colors([r.hparams["lr0"] for r in runs])
@@ -647,8 +655,7 @@ def plot_eta(grids: dict[str, GridResult], config: LLRConfig, out_dir: Path) -> 
                     label=f"η_0={run.hparams['lr0']:g}" + (" (div.)" if run.diverged_at is not None else ""))
         ax.axhline(best_fixed_sgd(grid.runs)["cumulative_lr"], color="k", ls="--", lw=1, label="best fixed η")
         ax.axvline(0.1 * grid.n_steps, color="grey", ls=":", lw=1)
-        ax.set(yscale="log", xlabel="step t", ylabel="η_t", title=f"{name}: {DESCRIPTIONS[name]}")
-        ax.title.set_fontsize(9)
+        ax.set(yscale="log", xlabel="step t", ylabel="η_t", title=name)
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"LLR step size η_t from every η_0 (μ = {config.default_hyper_lr:g}); dotted: 10 % of steps")
     return save_figure(fig, out_dir, "eta_trajectories.png")
@@ -656,7 +663,7 @@ def plot_eta(grids: dict[str, GridResult], config: LLRConfig, out_dir: Path) -> 
 
 def plot_loss_vs_lr0(summaries: dict[str, dict[str, Any]], config: LLRConfig, out_dir: Path) -> str:
     """Ratios to the best fixed SGD versus ``η_0``: SGD and LLR (every μ), cumulative (top) and final (bottom)."""
-    fig, axes = plt.subplots(2, len(summaries), figsize=(4.2 * len(summaries), 6.4), squeeze=False)
+    fig, axes = _panels(len(summaries), 2)
     for col, (name, summary) in enumerate(summaries.items()):
         rows = summary["per_lr"]
         lrs = [row["lr0"] for row in rows]
@@ -677,7 +684,7 @@ def plot_loss_vs_lr0(summaries: dict[str, dict[str, Any]], config: LLRConfig, ou
 def plot_loss_vs_hyper_lr(grids: dict[str, GridResult], summaries: dict[str, dict[str, Any]],
                           config: LLRConfig, out_dir: Path) -> str:
     """Final-loss ratio to the best SGD versus LLR's μ, one line per ``η_0``, one panel per experiment."""
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.6), squeeze=False)
+    fig, axes = _panels(len(grids))
     for ax, (name, grid) in zip(axes[0], grids.items(), strict=True):
         best = summaries[name]["best_sgd"]["final_loss"]
         lrs = sorted({r.hparams["lr0"] for r in _select(grid.runs, LLR_NAME)})
@@ -696,11 +703,13 @@ def plot_loss_vs_hyper_lr(grids: dict[str, GridResult], summaries: dict[str, dic
 
 
 def plot_online_loss(grids: dict[str, GridResult], config: LLRConfig, out_dir: Path) -> str:
-    """Running online loss (mean over each recording window) of LLR, the best fixed SGD and the tuned anchors."""
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.6), squeeze=False)
+    """Running online loss (mean over windows of ~T/40 steps) of LLR, the best fixed SGD and the tuned anchors."""
+    fig, axes = _panels(len(grids))
     for ax, (name, grid) in zip(axes[0], grids.items(), strict=True):
-        steps = grid.record_steps
-        window = torch.diff(grid.loss_trace, dim=1) / torch.diff(torch.tensor(steps, dtype=torch.float64))
+        stride = max(1, len(grid.record_steps) // 40)
+        steps = grid.record_steps[::stride]
+        trace = grid.loss_trace[:, ::stride]
+        window = torch.diff(trace, dim=1) / torch.diff(torch.tensor(steps, dtype=torch.float64))
         curves = {f"LLR η_0={lr0:g}": _select(grid.runs, LLR_NAME, lr0=lr0, hyper_lr=config.default_hyper_lr)
                   for lr0 in (min(config.target_lr_range), max(config.target_lr_range))}
         for method in dict.fromkeys(r.method for r in grid.runs):
@@ -823,33 +832,66 @@ def build_stream(name: str, config: LLRConfig) -> OnlineStream:
                         n_samples=config.mnist_samples, n_heldout=config.mnist_heldout, seed=seed)
 
 
+def run_experiment(name: str, config: LLRConfig, quiet: bool = False) -> tuple[GridResult, dict[str, Any]]:
+    """Run every method of experiment ``name`` on its stream; return the grid and its summary.
+
+    Args:
+        quiet: no progress bar (set in worker processes, whose bars would garble the terminal).
+    """
+    check_choice("experiment", name, EXPERIMENTS)
+    if quiet:
+        set_quiet(True)
+    peers = available_peers()
+    stream = build_stream(name, config)
+    lr_grid = config.mnist_lr_grid if name == "E4" else config.lr_grid
+    baseline_grid = config.mnist_lr_grid if name == "E4" else config.baseline_lr_grid
+    specs = method_grid(config, lr_grid, baseline_grid, stream.n_steps, peers)
+    initial, forward = initial_parameters(stream, config.mnist_hidden, config.seed)
+    log.info("%s: %d runs × %d steps", name, len(specs), stream.n_steps)
+    grid = run_online(stream, specs, initial=initial, forward=forward, divergence_factor=config.divergence_factor,
+                      n_records=config.n_records, desc=f"llr {name} ({len(specs)} runs)")
+    summary = summarise(grid, config)
+    summary.update(n_steps=stream.n_steps, batch_size=stream.batch_size, bayes_loss=stream.bayes_heldout_loss)
+    if name == "E1":
+        cumulative, final = recursive_least_squares(stream)
+        best = summary["best_sgd"]
+        summary["rls"] = {"cumulative_loss": cumulative, "final_loss": final,
+                          "cumulative_ratio": cumulative / best["cumulative_loss"],
+                          "final_ratio": final / best["final_loss"]}
+    return grid, summary
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_experiments(config: LLRConfig) -> dict[str, tuple[GridResult, dict[str, Any]]]:
+    """Run the configured experiments, ``config.workers`` at a time (independent processes, same results)."""
+    for name in config.experiments:
+        check_choice("experiment", name, EXPERIMENTS)
+    if config.workers == 1 or len(config.experiments) == 1:
+        return {name: run_experiment(name, config) for name in config.experiments}
+    workers = min(config.workers, len(config.experiments))
+    threads = max(1, torch.get_num_threads() // workers)
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold OpenMP threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_experiment, name, config, True): name for name in config.experiments}
+        done = {}
+        for future in progress(as_completed(futures), desc=f"llr experiments ({workers} processes)",
+                               total=len(futures)):
+            done[futures[future]] = future.result()
+            log.info("%s done", futures[future])
+    return {name: done[name] for name in config.experiments}
+
+
 def run(config: LLRConfig, out_dir: Path) -> Report:
     """Run the configured experiments and build the report (figures saved into ``out_dir``)."""
     out_dir = Path(out_dir)
     peers = available_peers()
     missing = [label for label in PEERS if label not in peers]
-    grids: dict[str, GridResult] = {}
-    summaries: dict[str, dict[str, Any]] = {}
-    for name in config.experiments:
-        check_choice("experiment", name, EXPERIMENTS)
-        stream = build_stream(name, config)
-        lr_grid = config.mnist_lr_grid if name == "E4" else config.lr_grid
-        baseline_grid = config.mnist_lr_grid if name == "E4" else config.baseline_lr_grid
-        specs = method_grid(config, lr_grid, baseline_grid, stream.n_steps, peers)
-        initial, forward = initial_parameters(stream, config.mnist_hidden, config.seed)
-        log.info("%s: %d runs × %d steps", name, len(specs), stream.n_steps)
-        grid = run_online(stream, specs, initial=initial, forward=forward,
-                          divergence_factor=config.divergence_factor, n_records=config.n_records,
-                          desc=f"llr {name} ({len(specs)} runs)")
-        summary = summarise(grid, config)
-        summary.update(n_steps=stream.n_steps, batch_size=stream.batch_size, bayes_loss=stream.bayes_heldout_loss)
-        if name == "E1":
-            cumulative, final = recursive_least_squares(stream)
-            best = summary["best_sgd"]
-            summary["rls"] = {"cumulative_loss": cumulative, "final_loss": final,
-                              "cumulative_ratio": cumulative / best["cumulative_loss"],
-                              "final_ratio": final / best["final_loss"]}
-        grids[name], summaries[name] = grid, summary
+    outcomes = run_experiments(config)
+    grids = {name: grid for name, (grid, _) in outcomes.items()}
+    summaries = {name: summary for name, (_, summary) in outcomes.items()}
     checks = check_targets(summaries, config)
     figures = [plot_eta(grids, config, out_dir), plot_loss_vs_lr0(summaries, config, out_dir),
                plot_loss_vs_hyper_lr(grids, summaries, config, out_dir), plot_online_loss(grids, config, out_dir)]
@@ -872,5 +914,5 @@ def run(config: LLRConfig, out_dir: Path) -> Report:
 
 __all__ = ["EXPERIMENTS", "GridResult", "LLRConfig", "RunResult", "RunSpec", "StackedParameters", "available_peers",
            "best_fixed_sgd", "check_targets", "eta_spread", "initial_parameters", "linear_forward", "make_config",
-           "method_grid", "mlp_forward", "per_sample_loss", "recursive_least_squares", "run", "run_online",
-           "summarise"]
+           "method_grid", "mlp_forward", "per_sample_loss", "recursive_least_squares", "run", "run_experiment",
+           "run_experiments", "run_online", "summarise"]
