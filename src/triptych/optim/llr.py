@@ -74,9 +74,11 @@ from triptych._validation import check_choice, check_real
 
 VARIANTS = ("exact", "finite_difference", "hessian_free")
 BASES = ("sgd", "adagrad", "adam")
-DEFAULT_HYPER_LR = 0.02
-DEFAULT_FORGET = 0.05
+DEFAULT_HYPER_LR = 0.03
+DEFAULT_FORGET = 0.1
 DEFAULT_FD_EPS = 1e-3
+MAX_SHRINK = 30.0  # K: an unstable η may shrink by up to e^{μK} per step
+NORM_DECAY = 0.5  # decay of ρ², the running mean square of ‖g‖ used by normalize=True
 
 Closure = Callable[[], torch.Tensor]
 
@@ -154,6 +156,7 @@ class LLR(Optimizer):
         group = self.param_groups[-1]
         group.update(_checked_group_options(group))
         group.setdefault("skipped_steps", 0)
+        group.setdefault("grad_sq_avg", 0.0)
         if group["variant"] != self.param_groups[0]["variant"]:
             raise ValueError(f"variant must be the same in every param group; got {group['variant']!r} "
                              f"after {self.param_groups[0]['variant']!r}")
@@ -201,8 +204,9 @@ class LLR(Optimizer):
         grads = [g.detach() for g in raw_grads]
         if group["weight_decay"] != 0 and grads:
             grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-        sens = [self.state[p]["h"] if "h" in self.state[p] else None for p in params]
-        return {"params": params, "raw_grads": raw_grads, "grads": grads, "sens": sens, "curv": None}
+        sens = [self.state[p]["h"] if p in self.state and "h" in self.state[p] else None for p in params]
+        return {"params": params, "raw_grads": raw_grads, "grads": grads, "sens": sens, "curv": None,
+                "variant": group["variant"]}
 
     def _exact_curvature(self, groups: list[dict[str, Any]]) -> list[list[torch.Tensor] | None]:
         """H_t h_t by double backward through the gradients' graph, per group (``None`` where h = 0)."""
@@ -225,27 +229,25 @@ class LLR(Optimizer):
         return out
 
     def _statistics(self, groups: list[dict[str, Any]]) -> list[list[float]]:
-        """Per group [g·h, ‖g‖², ‖h‖², ‖θ‖², ‖c‖²] as floats, with a single device synchronisation."""
-        rows = []
+        """Per group [g·h, ‖g‖², ‖h‖², ‖θ‖², ‖c‖²] as floats, from one batch of reductions and one device sync.
+
+        ‖θ‖² is only computed for the finite-difference probe and ‖c‖² only for exact curvature (else 0).
+        """
+        norm_lists: list[list[torch.Tensor]] = []  # per group: grads, sensitivities, params, curvatures
+        dot_pairs: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
         for gathered in groups:
-            grads, sens = gathered["grads"], gathered["sens"]
-            if not grads:
-                rows.append(None)
-                continue
-            zero = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-            grad_sq = _sum_sq(grads)
-            pairs = [(g, h) for g, h in zip(grads, sens, strict=True) if h is not None]
-            if pairs:
-                dot = torch.stack([torch.dot(g.reshape(-1), h.reshape(-1)).double() for g, h in pairs]).sum()
-                sens_sq = _sum_sq([h for _, h in pairs])
-            else:
-                dot, sens_sq = zero, zero
-            param_sq = _sum_sq(gathered["params"]) if pairs else zero
-            curv_sq = _sum_sq(gathered["curv"]) if gathered["curv"] is not None else zero
-            rows.append(torch.stack([dot, grad_sq, sens_sq, param_sq, curv_sq]).cpu())
-        present = [row for row in rows if row is not None]
-        values = iter(torch.stack(present).tolist() if present else [])
-        return [[0.0] * 5 if row is None else next(values) for row in rows]
+            pairs = [(g, h) for g, h in zip(gathered["grads"], gathered["sens"], strict=True) if h is not None]
+            probe = pairs and gathered["variant"] == "finite_difference"
+            norm_lists.append([gathered["grads"], [h for _, h in pairs], gathered["params"] if probe else [],
+                               gathered["curv"] or []])
+            dot_pairs.append(pairs)
+        flat_norms = [t for lists in norm_lists for tensors in lists for t in tensors]
+        scalars = list(torch._foreach_norm(flat_norms)) if flat_norms else []
+        scalars += [torch.dot(g.reshape(-1), h.reshape(-1)) for pairs in dot_pairs for g, h in pairs]
+        values = iter(torch.stack(scalars).tolist() if scalars else [])
+        norm_sq = [[math.fsum(next(values) ** 2 for _ in tensors) for tensors in lists] for lists in norm_lists]
+        return [[math.fsum(next(values) for _ in pairs), *squares] for pairs, squares in
+                zip(dot_pairs, norm_sq, strict=True)]
 
     def _finite_difference_curvature(self, groups: list[dict[str, Any]], stats: list[list[float]],
                                      closure: Closure) -> bool:
@@ -334,17 +336,41 @@ def _add_weight_decay_curvature(group: dict[str, Any], gathered: dict[str, Any])
 
 
 def _next_lr(group: dict[str, Any], stats: list[float]) -> float:
-    """η_t = exp(clip(λ_{t−1} − μ d_t)) from ``stats`` = [g·h, ‖g‖², ‖h‖², ...]; η unchanged when μ d_t = 0."""
+    """η_t = exp(clip(λ_{t−1} − μ d_t)) from ``stats`` = [g·h, ‖g‖², ‖h‖², ...]; η unchanged when μ d_t = 0.
+
+    With ``normalize`` it also advances the group's running mean square ρ² of ‖g‖ (``group["grad_sq_avg"]``).
+    """
     dot, grad_sq, sens_sq = stats[0], stats[1], stats[2]
     if group["normalize"]:
-        norms = math.sqrt(grad_sq) * math.sqrt(sens_sq)
-        dot = dot / norms if norms > 0 else 0.0
+        dot = _normalized_hypergradient(dot, grad_sq, sens_sq, group["grad_sq_avg"])
+        previous = group["grad_sq_avg"]
+        group["grad_sq_avg"] = grad_sq if previous == 0 else NORM_DECAY * previous + (1 - NORM_DECAY) * grad_sq
     delta = group["hyper_lr"] * dot
     lr = group["lr"]
     if delta != 0:
-        lam = min(max(math.log(lr) - delta, math.log(group["min_lr"])), math.log(group["max_lr"]))
-        lr = math.exp(lam)
+        lr = _clipped_exp(math.log(lr) - delta, group["min_lr"], group["max_lr"])
     return min(max(lr, group["min_lr"]), group["max_lr"])
+
+
+def _clipped_exp(lam: float, min_lr: float, max_lr: float) -> float:
+    """exp(clip(λ, log min_lr, log max_lr)), returning the bound itself (not exp(log(bound))) when clipped."""
+    if lam <= math.log(min_lr):
+        return min_lr
+    if lam >= math.log(max_lr):
+        return max_lr
+    return math.exp(lam)
+
+
+def _normalized_hypergradient(dot: float, grad_sq: float, sens_sq: float, grad_sq_avg: float) -> float:
+    """d_t = clip(g_t·h_t / (‖h_t‖ ρ_{t−1}), −1, MAX_SHRINK) — our scale-free hypergradient (0 while h = 0).
+
+    = cos(g_t, h_t) · ‖g_t‖/ρ_{t−1}: invariant to the scale of the loss and of θ, so μ is scale-free; η grows by
+    at most e^μ per step; when the gradient norm jumps above its running RMS ρ (an unstable η) it can shrink by
+    up to e^{μ·MAX_SHRINK} per step, before the trajectory blows up.
+    """
+    if sens_sq == 0 or grad_sq_avg == 0:
+        return 0.0
+    return min(max(dot / (math.sqrt(sens_sq) * math.sqrt(grad_sq_avg)), -1.0), MAX_SHRINK)
 
 
 def _base_update(group: dict[str, Any], gathered: dict[str, Any], state: dict[torch.Tensor, Any]) -> None:

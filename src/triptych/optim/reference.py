@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from triptych.optim.llr import MAX_SHRINK, NORM_DECAY
+
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -39,6 +41,7 @@ class ReferenceLLR:
     fd_eps: float = 1e-3
     h: torch.Tensor = field(init=False)  # h_t = ∂θ_t/∂λ, (D,)
     t: int = field(init=False, default=0)
+    grad_sq_avg: float = field(init=False, default=0.0)  # ρ²
 
     def __post_init__(self) -> None:
         self.theta = self.theta.detach().clone()
@@ -75,14 +78,25 @@ class ReferenceLLR:
         g = self.gradient(loss_fn, self.theta) + self.weight_decay * self.theta
         hvp = self.curvature(loss_fn)
 
-        # λ_t = clip(λ_{t−1} − μ · g_t·h_t)  (cosine instead of g·h when normalize=True)
+        # λ_t = clip(λ_{t−1} − μ d_t), d_t = g_t·h_t
+        # normalize=True: d_t = clip(g_t·h_t / (‖h_t‖ ρ_{t−1}), −1, K), ρ² = running mean of ‖g‖²
         dot = float(g @ self.h)
         if self.normalize:
-            norms = float(g.norm()) * float(self.h.norm())
-            dot = dot / norms if norms > 0 else 0.0
+            grad_sq = float(g @ g)
+            norms = float(self.h.norm()) * math.sqrt(self.grad_sq_avg)
+            dot = min(max(dot / norms, -1.0), MAX_SHRINK) if norms > 0 else 0.0
+            decay = NORM_DECAY if self.grad_sq_avg > 0 else 0.0
+            self.grad_sq_avg = decay * self.grad_sq_avg + (1 - decay) * grad_sq
         lam = math.log(self.lr) - self.hyper_lr * dot
-        lam = min(max(lam, math.log(self.min_lr)), math.log(self.max_lr))
-        eta = min(max(math.exp(lam), self.min_lr), self.max_lr) if self.hyper_lr * dot != 0 else self.lr
+        if self.hyper_lr * dot == 0:
+            eta = self.lr
+        elif lam <= math.log(self.min_lr):
+            eta = self.min_lr
+        elif lam >= math.log(self.max_lr):
+            eta = self.max_lr
+        else:
+            eta = math.exp(lam)
+        eta = min(max(eta, self.min_lr), self.max_lr)
         self.lr = eta
 
         # base update direction u_t, preconditioner P_t and the curvature term c_t = P_t · (H h or ∂m/∂λ)
