@@ -128,7 +128,7 @@ class SphericalKMeans:
         labels_: assignment of every fitted point (not only the subsample), ``(N,)`` int64.
         n_iter_: iterations run.
         objective_: final mean similarity ``J / N_train`` of the training points.
-        objective_history_: mean similarity after every assignment, non-decreasing.
+        objective_history_: mean similarity after every assignment (the initial one first), non-decreasing.
         n_repaired_: empty clusters repaired over the whole run.
     """
 
@@ -167,16 +167,18 @@ class SphericalKMeans:
         history: list[float] = []
         repaired = 0
         max_iter = self.max_iter or default_n_iter()
+        labels, sims = assign(train, centroids)
+        history.append(float(sims.double().mean()))
         for _ in range(max_iter):
-            labels, sims = assign(train, centroids)
-            history.append(float(sims.double().mean()))
-            if len(history) > 1 and history[-1] - history[-2] <= self.tol * abs(history[-2]):
-                break
             centroids, counts = _update(train, labels, k)
             repaired += _repair_empty(train, centroids, counts, sims)
+            labels, sims = assign(train, centroids)
+            history.append(float(sims.double().mean()))
+            if history[-1] - history[-2] <= self.tol * abs(history[-2]):
+                break
         self.cluster_centers_ = centroids
         self.labels_ = labels if train is points else assign(points, centroids)[0]
-        self.n_iter_ = len(history)
+        self.n_iter_ = len(history) - 1
         self.objective_ = history[-1]
         self.objective_history_ = history
         self.n_repaired_ = repaired
