@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.set_defaults(handler=_reproduce)
+
+    from triptych.mips.cli import add_mips_parser
+
+    add_mips_parser(commands)
     return parser
 
 
