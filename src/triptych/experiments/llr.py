@@ -634,9 +634,10 @@ def check_targets(summaries: dict[str, dict[str, Any]], config: LLRConfig) -> li
 
 # -------------------------------------------------------------------------------------------------- figures
 def _panels(n_cols: int, n_rows: int = 1) -> tuple[plt.Figure, Any]:
-    """A figure of ``n_rows × n_cols`` panels with a layout that keeps titles and labels apart."""
-    return plt.subplots(n_rows, n_cols, figsize=(3.9 * n_cols + 1.5, 3.4 * n_rows), squeeze=False,
-                        layout="constrained")
+    """A figure of ``n_rows × n_cols`` panels, spaced so that titles and labels stay apart."""
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.9 * n_cols + 1.5, 3.6 * n_rows), squeeze=False)
+    fig.subplots_adjust(wspace=0.35, hspace=0.45, top=0.85 if n_rows == 1 else 0.91)
+    return fig, axes
 
 
 def _lr_colors(lr_grid: Sequence[float]) -> dict[float, Any]:
@@ -718,7 +719,7 @@ def plot_online_loss(grids: dict[str, GridResult], config: LLRConfig, out_dir: P
         for label, runs in curves.items():
             if runs and runs[0].diverged_at is None:
                 k = grid.runs.index(runs[0])
-                ax.plot(steps[1:], window[k].tolist(), lw=1, label=label)
+                ax.plot(steps[1:], window[k].tolist(), lw=2 if label.startswith(LLR_NAME) else 1, label=label)
         ax.set(yscale="log", xlabel="step t", ylabel="online loss (window mean)", title=name)
     axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle("Online (prequential) loss, best-in-hindsight setting of each method")
