@@ -126,7 +126,7 @@ class LLRConfig:
     noise_std: float = 0.1
     walk_scale: float = 1.0
     n_heldout: int = 10_000
-    n_records: int = 400
+    n_records: int = 200
     target_lr_range: tuple[float, float] = (1e-4, 1.0)
     aim_lr_range: tuple[float, float] = (1e-5, 10.0)
     workers: int = 1
@@ -389,7 +389,7 @@ def _build_optimizers(specs: Sequence[RunSpec],
 
 
 def run_online(stream: OnlineStream, specs: Sequence[RunSpec], *, initial: Sequence[torch.Tensor],
-               forward: Forward, divergence_factor: float = 1e6, n_records: int = 400,
+               forward: Forward, divergence_factor: float = 1e6, n_records: int = 200,
                desc: str = "online") -> GridResult:
     """Run every spec on ``stream`` side by side, recording the prequential loss before each update.
 
@@ -434,7 +434,8 @@ def run_online(stream: OnlineStream, specs: Sequence[RunSpec], *, initial: Seque
             snapshots.append(cumulative.clone())
             for k in tracked:
                 optimizer, i = group_of[k]
-                traces[k].append(float(optimizer.param_groups[i]["lr"]) if k not in diverged_at else math.nan)
+                lr = float(optimizer.param_groups[i]["lr"]) if k not in diverged_at else math.nan
+                traces[k].append(float(f"{lr:.4g}"))  # 4 digits: a plot and a ratio, not a checkpoint
         losses = per_sample_loss(forward(params.stacked, x), y, stream.task).mean(dim=1)  # (K,) at θ_t
         observed = losses.detach().double()
         failed = alive & ~(observed <= threshold)  # NaN compares False: counted as failed
