@@ -40,7 +40,8 @@ def test_configs_cover_the_table_and_refuse_unknown_scales():
     assert [m for d, m in full.cells if d == "TC"] == ["CNN", "ST-CNN Aff"]
     assert paper.iterations == 150_000 and paper.batch_size == 256 and paper.cells == full.cells
     assert (paper.lr, paper.momentum) == (0.01, 0.0)  # the paper's own recipe
-    assert full.batch_size == quick.batch_size == 256
+    assert dataclasses.asdict(full) == {**dataclasses.asdict(quick), "scale": "full", "cells": full.cells}
+    assert quick.cells == tuple(c for c in full.cells if c in quick.cells)  # quick repeats full's RTS cells
     with pytest.raises(ValueError, match="scale must be one of"):
         stn.make_config("huge")
 
