@@ -298,7 +298,7 @@ class ClusterIndex:
 
     # ------------------------------------------------------------------ search
     def search(self, queries: Any, k: int, branches: int | None = None, *, return_stats: bool = False,
-               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
+               batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
         """The ``k`` items of largest ``q·x`` for every query, best first.
 
         Args:
@@ -386,9 +386,11 @@ class ClusterIndex:
     def _scan(self, q: torch.Tensor, leaves: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact top-k of ``q·x`` over the members of the chosen leaves.
 
-        Pairs (query, leaf) are grouped by leaf so that each probed leaf's members ``(S_c, d)`` are scored
-        against all its queries in one product; each pair keeps its leaf's top ``k``, and the ``b·k`` kept
-        scores of a query are merged by one final top-k.
+        The (query, leaf) pairs are sorted by leaf, so that each probed leaf's members ``(S_c, d)`` (contiguous
+        in storage) are scored against all its queries ``(P_c, d)`` (contiguous after one gather) in one
+        product; the leaf's top ``k`` per pair go straight into rows ``P_c`` of a ``(P, k)`` buffer. One scatter
+        lays the buffer out as ``(n, b·k)`` (pair slot ``j`` of a query in columns ``j·k … j·k + k − 1``) and
+        one top-k merges.
 
         Args:
             q: queries ``(n, d)``; leaves: ``(n, b)`` int64, ``-1`` for none.
@@ -397,40 +399,31 @@ class ClusterIndex:
             scores ``(n, k)``, ids ``(n, k)`` (padded), and the number of items scored.
         """
         n, b = leaves.shape
-        buf_scores = torch.full((n, b, k), -math.inf, device=q.device)
-        buf_rows = torch.full((n, b, k), -1, dtype=torch.int64, device=q.device)
-        flat = leaves.flatten()
-        pair_query = torch.arange(n, device=q.device).repeat_interleave(b)
-        pair_slot = torch.arange(b, device=q.device).repeat(n)
-        keep = flat >= 0
-        flat, pair_query, pair_slot = flat[keep], pair_query[keep], pair_slot[keep]
-        order = torch.argsort(flat, stable=True)
-        flat, pair_query, pair_slot = flat[order], pair_query[order], pair_slot[order]
-        uniq, counts = torch.unique_consecutive(flat, return_counts=True)
-        starts = self._offsets[uniq].tolist()
-        ends = self._offsets[uniq + 1].tolist()
-        bounds = [0, *torch.cumsum(counts, 0).tolist()]
-        scored = 0
-        for j, (lo, hi) in enumerate(zip(starts, ends, strict=True)):
-            size = hi - lo
-            if size == 0:
-                continue
-            p0, p1 = bounds[j], bounds[j + 1]
-            qi, slot = pair_query[p0:p1], pair_slot[p0:p1]
-            s = q[qi] @ self._items[lo:hi].T  # (pairs, S_c)
-            scored += size * (p1 - p0)
-            kk = min(k, size)
-            top_s, top_i = s.topk(kk, dim=1) if kk < size else s.sort(dim=1, descending=True)
-            buf_scores[qi, slot, :kk] = top_s
-            buf_rows[qi, slot, :kk] = top_i + lo
-        merged_s, pos = buf_scores.flatten(1).topk(min(k, b * k), dim=1)
-        rows = torch.gather(buf_rows.flatten(1), 1, pos)
-        out_s = torch.full((n, k), -math.inf, device=q.device)
-        out_i = torch.full((n, k), -1, dtype=torch.int64, device=q.device)
-        found = rows >= 0
-        out_s[:, :merged_s.shape[1]] = torch.where(found, merged_s, out_s[:, :merged_s.shape[1]])
-        out_i[:, :rows.shape[1]] = torch.where(found, self._ids[rows.clamp(min=0)], -1)
-        return out_s, out_i, float(scored)
+        dev = q.device
+        safe = leaves.clamp(min=0)
+        sizes = torch.where(leaves >= 0, self._offsets[safe + 1] - self._offsets[safe], 0).flatten()  # (n·b,)
+        pairs = torch.nonzero(sizes > 0).flatten()
+        pairs = pairs[torch.argsort(leaves.flatten()[pairs], stable=True)]  # pair p = query p // b, slot p % b
+        pair_leaf = leaves.flatten()[pairs]
+        pair_q = q[pairs // b]  # (P, d): the queries of each leaf are contiguous
+        top_s = torch.full((pairs.numel(), k), -math.inf, dtype=q.dtype, device=dev)
+        top_i = torch.zeros((pairs.numel(), k), dtype=torch.int64, device=dev)
+        uniq, per_leaf = torch.unique_consecutive(pair_leaf, return_counts=True)
+        p0 = 0
+        for lo, hi, count in zip(self._offsets[uniq].tolist(), self._offsets[uniq + 1].tolist(), per_leaf.tolist(),
+                                 strict=True):
+            kk = min(k, hi - lo)
+            block = pair_q[p0:p0 + count] @ self._items[lo:hi].T  # (P_c, S_c)
+            torch.topk(block, kk, dim=1, out=(top_s[p0:p0 + count, :kk], top_i[p0:p0 + count, :kk]))
+            top_i[p0:p0 + count, :kk] += lo
+            p0 += count
+        merged_s = torch.full((n * b, k), -math.inf, dtype=q.dtype, device=dev)
+        merged_i = torch.zeros((n * b, k), dtype=torch.int64, device=dev)
+        merged_s[pairs], merged_i[pairs] = top_s, top_i
+        best_s, pos = merged_s.view(n, b * k).topk(k, dim=1)
+        rows = torch.gather(merged_i.view(n, b * k), 1, pos)
+        ids = torch.where(torch.isfinite(best_s), self._ids[rows] if self._ids.numel() else rows, -1)
+        return best_s, ids, float(sizes.sum())
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> dict[str, torch.Tensor]:
