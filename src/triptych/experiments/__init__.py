@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 PAPERS = {
     "llr": "triptych.experiments.llr",
     "stn": "triptych.experiments.stn",
+    "mips": "triptych.experiments.mips",
 }
 SCALES = ("quick", "full", "paper")
 
