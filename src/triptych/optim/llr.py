@@ -77,6 +77,7 @@ BASES = ("sgd", "adagrad", "adam")
 DEFAULT_HYPER_LR = 0.03
 DEFAULT_FORGET = 0.1
 DEFAULT_FD_EPS = 1e-3
+MAX_GROW = 1.0  # η grows by at most e^μ per step
 MAX_SHRINK = 30.0  # K: an unstable η may shrink by up to e^{μK} per step
 NORM_DECAY = 0.5  # decay of ρ², the running mean square of ‖g‖ used by normalize=True
 
@@ -370,7 +371,7 @@ def _normalized_hypergradient(dot: float, grad_sq: float, sens_sq: float, grad_s
     """
     if sens_sq == 0 or grad_sq_avg == 0:
         return 0.0
-    return min(max(dot / (math.sqrt(sens_sq) * math.sqrt(grad_sq_avg)), -1.0), MAX_SHRINK)
+    return min(max(dot / (math.sqrt(sens_sq) * math.sqrt(grad_sq_avg)), -MAX_GROW), MAX_SHRINK)
 
 
 def _base_update(group: dict[str, Any], gathered: dict[str, Any], state: dict[torch.Tensor, Any]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from triptych.optim.llr import MAX_SHRINK, NORM_DECAY
+from triptych.optim.llr import MAX_GROW, MAX_SHRINK, NORM_DECAY
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -84,7 +84,7 @@ class ReferenceLLR:
         if self.normalize:
             grad_sq = float(g @ g)
             norms = float(self.h.norm()) * math.sqrt(self.grad_sq_avg)
-            dot = min(max(dot / norms, -1.0), MAX_SHRINK) if norms > 0 else 0.0
+            dot = min(max(dot / norms, -MAX_GROW), MAX_SHRINK) if norms > 0 else 0.0
             decay = NORM_DECAY if self.grad_sq_avg > 0 else 0.0
             self.grad_sq_avg = decay * self.grad_sq_avg + (1 - decay) * grad_sq
         lam = math.log(self.lr) - self.hyper_lr * dot
