@@ -84,6 +84,29 @@ def test_runs_sharing_one_optimizer_match_separate_optimizers():
     assert together.runs[0].lr_trace[-1] > 1e-3  # η grew from a too-small start
 
 
+def test_curvature_variants_agree_on_a_quadratic_and_differ_from_hessian_free():
+    # On ½(xᵀθ − y)² the gradient is linear in θ, so the finite-difference H_t h_t is exact: the two variants
+    # (each with its own closure through the runs' parameter views) must follow the same trajectory.
+    stream = linear_regression_stream(60, dim=4, seed=5)
+    config = tiny_config(lr_grid=(1e-2, 1e-1))
+    specs = [spec for spec in llr.method_grid(config, config.lr_grid, config.lr_grid, 60, {},
+                                              ("finite_difference", "exact"))
+             if spec.method.startswith("LLR") and spec.hparams["hyper_lr"] == config.default_hyper_lr]
+    grid = _run(stream, specs)
+    by_method = {}
+    for run in grid.runs:
+        by_method.setdefault(run.method, []).append(run)
+    assert set(by_method) == {"LLR", "LLR finite_difference", "LLR exact"}
+    for fd, exact, free in zip(by_method["LLR finite_difference"], by_method["LLR exact"], by_method["LLR"],
+                               strict=True):
+        assert fd.cumulative_loss == pytest.approx(exact.cumulative_loss, rel=1e-6)
+        assert fd.lr_trace == pytest.approx(exact.lr_trace, rel=1e-3)
+    # with η_0 = 0.1 the curvature term η H h is a sizeable part of the sensitivity recursion
+    free, exact = by_method["LLR"][-1], by_method["LLR exact"][-1]
+    assert free.hparams["lr0"] == 0.1
+    assert abs(math.log(free.lr_trace[-1] / exact.lr_trace[-1])) > 0.01
+
+
 def test_divergence_is_counted_and_does_not_disturb_other_runs():
     stream = linear_regression_stream(200, dim=5, seed=3)
     stable = llr.RunSpec("SGD", {"lr0": 0.05})

@@ -34,6 +34,7 @@ import logging
 import math
 import multiprocessing
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -100,6 +101,8 @@ class LLRConfig:
         mnist_lr_grid: ``η_0`` grid of E4 for every method (E4's runs are costlier).
         n_records: how many points of ``η_t`` and of the running loss are kept per run.
         target_lr_range: the ``η_0`` range the issue's targets require, and the range they aim for.
+        curvature_variants: LLR's variants with curvature (``"finite_difference"``, ``"exact"``) run at the
+            default μ over ``lr_grid`` in the experiments ``variant_experiments``, against the default Hessian-free.
         workers: experiments run in parallel processes (each one deterministic, so the results do not depend
             on it); :func:`make_config` uses one per torch thread (``--threads``).
     """
@@ -129,6 +132,8 @@ class LLRConfig:
     n_records: int = 200
     target_lr_range: tuple[float, float] = (1e-4, 1.0)
     aim_lr_range: tuple[float, float] = (1e-5, 10.0)
+    curvature_variants: tuple[str, ...] = ("finite_difference", "exact")
+    variant_experiments: tuple[str, ...] = ("E1",)
     workers: int = 1
 
 
@@ -267,6 +272,8 @@ class RunSpec:
             with state shared across groups (Prodigy's and D-Adaptation's distance estimate).
         schedule_free: call ``.train()`` before the first step and ``.eval()`` before the final evaluation.
         track_lr: record ``param_group["lr"]`` (the adapted step size ``η_t``).
+        closure: ``None``, or how the optimizer's closure backpropagates: ``"backward"`` (LLR's
+            finite-difference variant) or ``"create_graph"`` (its exact variant, which differentiates ``.grad``).
     """
 
     method: str
@@ -276,6 +283,26 @@ class RunSpec:
     shareable: bool = True
     schedule_free: bool = False
     track_lr: bool = False
+    closure: str | None = None
+
+
+def _llr_finite_difference(param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """LLR with H_t h_t by finite differences of the gradient (one extra closure call per step)."""
+    return LLR(param_groups, variant="finite_difference")
+
+
+def _llr_exact(param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """LLR with the exact Hessian-vector product H_t h_t (double backward)."""
+    return LLR(param_groups, variant="exact")
+
+
+# LLR's curvature variants compared in `config.variant_experiments`: name -> (factory, closure kind, shareable).
+# The exact variant gets one optimizer per run: it differentiates each group's gradients separately, which
+# cannot be done twice through one graph shared by several groups.
+CURVATURE_VARIANTS = {
+    "finite_difference": (_llr_finite_difference, "backward", True),
+    "exact": (_llr_exact, "create_graph", False),
+}
 
 
 def _sgdhd(param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -297,10 +324,20 @@ def available_peers() -> dict[str, type]:
 
 
 def method_grid(config: LLRConfig, lr_grid: Sequence[float], baseline_lr_grid: Sequence[float], n_steps: int,
-                peers: dict[str, type]) -> list[RunSpec]:
-    """Every run of one experiment: LLR over η_0 × μ, fixed SGD, 1/t, SGD-HD, and the installed peers."""
+                peers: dict[str, type], variants: Sequence[str] = ()) -> list[RunSpec]:
+    """Every run of one experiment: LLR over η_0 × μ, fixed SGD, 1/t, SGD-HD, and the installed peers.
+
+    ``variants`` adds LLR's curvature variants (``"finite_difference"``, ``"exact"``) at the default μ over the
+    ``η_0`` grid, reported as methods ``"LLR exact"`` etc. (``"LLR"`` alone is the default, Hessian-free).
+    """
     specs = [RunSpec(LLR_NAME, {"lr0": lr0, "hyper_lr": mu}, LLR, {"lr": lr0, "hyper_lr": mu}, track_lr=True)
              for mu in config.hyper_lr_grid for lr0 in lr_grid]
+    for variant in variants:
+        factory, closure, shareable = CURVATURE_VARIANTS[variant]
+        mu = config.default_hyper_lr
+        specs += [RunSpec(f"{LLR_NAME} {variant}", {"lr0": lr0, "hyper_lr": mu}, factory,
+                          {"lr": lr0, "hyper_lr": mu}, shareable=shareable, track_lr=True, closure=closure)
+                  for lr0 in lr_grid]
     specs += [RunSpec(SGD_NAME, {"lr0": lr0}) for lr0 in baseline_lr_grid]
     for fraction in config.inverse_time_t0:
         t0 = max(1.0, fraction * n_steps)
@@ -362,6 +399,30 @@ def _evaluate(forward: Forward, params: Sequence[torch.Tensor], stream: OnlineSt
     loss = torch.stack(losses).sum(dim=0) / n
     accuracy = torch.stack(correct).sum(dim=0).double() / n if correct else None
     return loss, accuracy
+
+
+def _closure(forward: Forward, params: StackedParameters, runs: Sequence[int], x: torch.Tensor, y: torch.Tensor,
+             task: str, kind: str) -> Callable[[], torch.Tensor]:
+    """The usual ``closure()`` for the optimizer of ``runs``: their minibatch loss at the CURRENT parameters.
+
+    The forward goes through the runs' own parameter views (stacked), so ``.grad`` lands on them and, with
+    ``kind="create_graph"``, keeps the graph the exact variant differentiates.
+    """
+    def closure() -> torch.Tensor:
+        live = [k for k in runs if k in params.live]
+        for k in live:
+            for view in params.per_run[k]:
+                view.grad = None
+        stacked = [torch.stack(views) for views in zip(*(params.per_run[k] for k in live), strict=True)]
+        loss = per_sample_loss(forward(stacked, x), y, task).mean(dim=1).sum()
+        if kind == "create_graph":
+            with warnings.catch_warnings():  # LLR detaches .grad after its step: no parameter-gradient cycle
+                warnings.filterwarnings("ignore", "Using backward\\(\\) with create_graph=True", UserWarning)
+                loss.backward(create_graph=True)
+        else:
+            loss.backward()
+        return loss
+    return closure
 
 
 def _build_optimizers(specs: Sequence[RunSpec],
@@ -455,8 +516,9 @@ def run_online(stream: OnlineStream, specs: Sequence[RunSpec], *, initial: Seque
             for theta, grad in zip(params.stacked, params.grads, strict=True):
                 step = grad.index_select(0, plain) * lr.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
                 theta.detach().index_add_(0, plain, step, alpha=-1.0)
-        for optimizer, _ in active:
-            optimizer.step()
+        for optimizer, runs in active:
+            kind = specs[runs[0]].closure
+            optimizer.step(None if kind is None else _closure(forward, params, runs, x, y, stream.task, kind))
     for optimizer in schedule_free:
         optimizer.eval()  # Schedule-Free's output is its averaged iterate
     final, accuracy = _evaluate(forward, params.stacked, stream)
@@ -578,8 +640,13 @@ def summarise(grid: GridResult, config: LLRConfig) -> dict[str, Any]:
                                    "worst_cumulative": max(cums), "median_cumulative": statistics.median(cums),
                                    "diverged": sum(r.diverged_at is not None for r in _select(
                                        grid.runs, LLR_NAME, hyper_lr=hyper_lr))}
+    variants = {}
+    for method in dict.fromkeys(r.method for r in grid.runs if r.method.startswith(f"{LLR_NAME} ")):
+        variants[method] = [{"lr0": r.hparams["lr0"], "cumulative": _ratio(r.cumulative_loss, best["cumulative_loss"]),
+                             "final": _ratio(r.final_loss, best["final_loss"])}
+                            for r in _select(grid.runs, method)]
     spread = eta_spread(grid, mu)
-    return {"best_sgd": best, "per_lr": per_lr, "methods": methods, "per_hyper_lr": per_mu,
+    return {"best_sgd": best, "per_lr": per_lr, "variants": variants, "methods": methods, "per_hyper_lr": per_mu,
             "initial_loss": grid.initial_loss,
             "eta_spread": {k: v for k, v in spread.items() if k != "spread"},
             "eta_spread_target_range": {k: v for k, v in eta_spread(grid, mu, config.target_lr_range).items()
@@ -612,7 +679,7 @@ def check_targets(summaries: dict[str, dict[str, Any]], config: LLRConfig) -> li
                     if _in_range(row["lr0"], config.target_lr_range)]
         worst_lr, worst = max(llr_cums, key=lambda item: item[1])
         best_llr = min(ratio for _, ratio in llr_cums)
-        rivals = {m: v["best_cumulative"] for m, v in summary["methods"].items() if m != LLR_NAME}
+        rivals = {m: v["best_cumulative"] for m, v in summary["methods"].items() if not m.startswith(LLR_NAME)}
         best_rival = min(rivals, key=rivals.get)
         checks.append({"target": "LLR beats the best fixed η and every tuned anchor on cumulative online loss "
                                  f"(worst η_0 in [{config.target_lr_range[0]:g}, {config.target_lr_range[1]:g}], "
@@ -765,6 +832,17 @@ def experiment_section(name: str, summary: dict[str, Any], config: LLRConfig) ->
              _fmt(v["worst_final"]), v["diverged"]) for m, v in summary["per_hyper_lr"].items()]
     lines.append(markdown_table(["μ", "median cumulative", "worst cumulative", "median final", "worst final",
                                  "diverged"], rows))
+    if summary["variants"]:
+        lines += ["", f"LLR's curvature variants at μ = {mu:g} (ratios to the best fixed SGD; `LLR` is the default "
+                  "Hessian-free variant):", ""]
+        columns = {"LLR": {row["lr0"]: (row[f"llr_cumulative[{key}]"], row[f"llr_final[{key}]"])
+                           for row in summary["per_lr"]}}
+        columns.update({m: {row["lr0"]: (row["cumulative"], row["final"]) for row in rows}
+                        for m, rows in summary["variants"].items()})
+        headers = ["η_0"] + [f"{m} {metric}" for m in columns for metric in ("cumulative", "final")]
+        rows = [[f"{lr0:g}"] + [_fmt(v) for m in columns for v in columns[m].get(lr0, (math.inf, math.inf))]
+                for lr0 in columns["LLR"]]
+        lines.append(markdown_table(headers, rows))
     return "\n".join(lines)
 
 
@@ -847,7 +925,8 @@ def run_experiment(name: str, config: LLRConfig, quiet: bool = False) -> tuple[G
     stream = build_stream(name, config)
     lr_grid = config.mnist_lr_grid if name == "E4" else config.lr_grid
     baseline_grid = config.mnist_lr_grid if name == "E4" else config.baseline_lr_grid
-    specs = method_grid(config, lr_grid, baseline_grid, stream.n_steps, peers)
+    variants = config.curvature_variants if name in config.variant_experiments else ()
+    specs = method_grid(config, lr_grid, baseline_grid, stream.n_steps, peers, variants)
     initial, forward = initial_parameters(stream, config.mnist_hidden, config.seed)
     log.info("%s: %d runs × %d steps", name, len(specs), stream.n_steps)
     grid = run_online(stream, specs, initial=initial, forward=forward, divergence_factor=config.divergence_factor,
