@@ -423,3 +423,28 @@ def test_rosenbrock_beats_the_base_optimizer_at_the_same_initial_step(base, torc
         finals.append(rosenbrock(xy).item())
     llr_final, base_final = finals
     assert math.isfinite(llr_final) and llr_final < 0.1 * base_final
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr0", [1e-5, 1e-3, 3e-2])
+def test_noisy_online_regression_final_risk_near_best_fixed_sgd(lr0):
+    # E1 in miniature: d = 20, input variances over two decades, noise σ = 0.1, batch 1, 6000 steps, with the
+    # online settings measured in the module docstring (μ = 0.1, γ = 0.01)
+    g = torch.Generator().manual_seed(0)
+    variances = torch.logspace(-1, 1, 20)
+    x = torch.randn(6000, 20, generator=g) * variances.sqrt()
+    theta_star = torch.randn(20, generator=g)
+    y = x @ theta_star + 0.1 * torch.randn(6000, generator=g)
+
+    def final_risk(make) -> float:
+        w = torch.nn.Parameter(torch.zeros(20))
+        opt = make([w])
+        for xt, yt in zip(x, y, strict=True):
+            opt.zero_grad()
+            (0.5 * (xt @ w - yt) ** 2).backward()
+            opt.step()
+        error = w.detach() - theta_star
+        return float(0.5 * (error * variances * error).sum())
+
+    best = min(final_risk(lambda p, lr=lr: torch.optim.SGD(p, lr=lr)) for lr in (2e-3, 5e-3, 1e-2))
+    assert final_risk(lambda p: LLR(p, lr=lr0, hyper_lr=0.1, forget=0.01)) < 1.5 * best
