@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds; numbers meaningless")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("results/llr"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for overhead.md/.json (default results/llr; --smoke writes only if given)")
     args = parser.parse_args(argv)
     config = smoke_config() if args.smoke else Config()
     config.threads = args.threads
@@ -151,16 +153,17 @@ def main(argv: list[str] | None = None) -> None:
         config.rounds = args.rounds
     torch.set_num_threads(config.threads)
     warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
-    command = "python bench/llr_overhead.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    command = "python bench/llr_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = benchmark(config)
     env = environment()
-    name = "overhead_smoke" if args.smoke else "overhead"
-    args.out.mkdir(parents=True, exist_ok=True)
     markdown = render(rows, config, env, command.strip())
-    atomic_write_text(args.out / f"{name}.md", markdown)
-    atomic_write_text(args.out / f"{name}.json", to_json({"command": command.strip(), "config": config,
-                                                         "environment": env, "rows": rows}))
     print(markdown)
+    out = args.out if args.out is not None or args.smoke else Path("results/llr")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "overhead.md", markdown)
+        atomic_write_text(out / "overhead.json", to_json({"command": command.strip(), "config": config,
+                                                          "environment": env, "rows": rows}))
 
 
 if __name__ == "__main__":
