@@ -113,6 +113,17 @@ def test_large_norm_items_added_later_are_found(data):
     assert _recall(ids, true_ids) >= 0.6
 
 
+def test_zero_vectors_are_items_too():
+    # every item scores negatively against the query except the zero vector, whose score 0 is the best
+    rng = np.random.default_rng(3)
+    items = -np.abs(rng.standard_normal((200, 4))).astype(np.float32)
+    items[57] = 0.0
+    for levels in (1, 2):
+        index = ClusterIndex(4, levels=levels, n_clusters=20).train(items).add(items)
+        scores, ids = index.search(np.ones((1, 4), dtype=np.float32), 1, branches=index.n_leaves)
+        assert ids[0, 0] == 57 and scores[0, 0] == 0.0
+
+
 def test_padding_when_k_exceeds_items():
     items = _gaussian(30, d=4)
     index = ClusterIndex(4, n_clusters=3).train(items).add(items[:5])

@@ -298,7 +298,7 @@ class ClusterIndex:
 
     # ------------------------------------------------------------------ search
     def search(self, queries: Any, k: int, branches: int | None = None, *, return_stats: bool = False,
-               batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
+               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, SearchStats]:
         """The ``k`` items of largest ``q·x`` for every query, best first.
 
         Args:
@@ -344,18 +344,20 @@ class ClusterIndex:
         ``u_node = normalise(Σ_children u_c)``, ``r_node = max_children(∠(u_node, u_c) + r_c)``,
         ``n_node = max_children n_c``: the children's cones lie inside the node's, so its bound holds.
         """
-        stats = [NodeStats(self._leaf_dir, self._leaf_radius, self._leaf_norm)]
+        stats = [NodeStats(self._leaf_dir, self._leaf_radius, self._leaf_norm, self._offsets[1:] > self._offsets[:-1])]
         for level in self._levels:
             below = stats[-1]
             count = level.centroids.shape[0]
-            weights = (below.norm > 0).to(below.direction.dtype).unsqueeze(1)
+            weights = below.populated.to(below.direction.dtype).unsqueeze(1)
             direction = _unit(torch.zeros(count, self.dim, device=self._device)
                               .index_add_(0, level.parent, below.direction * weights))
             gap = torch.arccos(torch.einsum("cd,cd->c", direction[level.parent], below.direction).clamp(-1.0, 1.0))
-            spread = torch.where(below.norm > 0, gap + below.radius, torch.zeros_like(gap)).clamp(max=math.pi)
+            spread = torch.where(below.populated, gap + below.radius, torch.zeros_like(gap)).clamp(max=math.pi)
             radius = torch.zeros(count, device=self._device).scatter_reduce(0, level.parent, spread, reduce="amax")
             norm = torch.zeros(count, device=self._device).scatter_reduce(0, level.parent, below.norm, reduce="amax")
-            stats.append(NodeStats(direction, radius, norm))
+            populated = torch.zeros(count, dtype=torch.int64, device=self._device).scatter_reduce(
+                0, level.parent, below.populated.long(), reduce="amax").bool()
+            stats.append(NodeStats(direction, radius, norm, populated))
         self._node_stats = stats
 
     def _select_leaves(self, q_unit: torch.Tensor, branches: int) -> tuple[torch.Tensor, float]:
@@ -376,8 +378,8 @@ class ClusterIndex:
             valid = cand >= 0
             safe = cand.clamp(min=0)
             cosines = torch.einsum("nd,ncd->nc", q_unit, below.direction[safe])
-            s = _rank_scores(cosines, NodeStats(below.direction[safe], below.radius[safe], below.norm[safe]),
-                             self.slack).masked_fill(~valid, -math.inf)
+            s = _rank_scores(cosines, NodeStats(below.direction[safe], below.radius[safe], below.norm[safe],
+                                                below.populated[safe]), self.slack).masked_fill(~valid, -math.inf)
             dots += float(valid.sum())
             top_s, pos = s.topk(min(branches, s.shape[1]), dim=1)
             nodes = torch.where(torch.isfinite(top_s), torch.gather(cand, 1, pos), torch.full_like(pos, -1))
@@ -543,11 +545,13 @@ class NodeStats:
         direction: unit directions ``u_c``, ``(C, d)``.
         radius: angular radii ``r_c = max_{x∈c} ∠(x, u_c)`` in radians, ``(C,)``.
         norm: largest member norms ``n_c`` (0 for a node without members), ``(C,)``.
+        populated: whether the node has members, ``(C,)`` bool.
     """
 
     direction: torch.Tensor
     radius: torch.Tensor
     norm: torch.Tensor
+    populated: torch.Tensor
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -568,7 +572,7 @@ def _rank_scores(cosines: torch.Tensor, stats: NodeStats, slack: float) -> torch
     sines = (1.0 - cosines.square()).clamp(min=0.0).sqrt()
     # cos(θ − w) = cos θ cos w + sin θ sin w while θ ≥ w; inside the widened cone the bound is 1
     value = torch.where(cosines >= cos_w, torch.ones_like(cosines), cosines * cos_w + sines * sin_w)
-    return torch.where(stats.norm > 0, stats.norm * value, torch.full_like(value, -math.inf))
+    return torch.where(stats.populated, stats.norm * value, torch.full_like(value, -math.inf))
 
 
 def _leaf_directions(x: torch.Tensor, labels: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
