@@ -62,7 +62,7 @@ class MipsConfig:
     Attributes:
         scale: ``"quick"`` or ``"full"``.
         seed: seeds the data split, the data generators, the indexes and the query noise.
-        threads: torch threads (set explicitly; the wall-clock speedups depend on it).
+        threads: torch threads, set explicitly by :func:`run` (the wall-clock speedups depend on them).
         glove_items: indexed GloVe words (``None``: all 390,000 not held out).
         glove_queries: held-out GloVe words used as queries.
         rec_users, rec_items, rec_rank: synthetic recommender size; the first ``rec_queries`` users are queries.
@@ -87,7 +87,7 @@ class MipsConfig:
     rec_queries: int = 1_000
     eval_queries: int = 500
     branches_1: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-    branches_2: tuple[int, ...] = (1, 2, 4, 8, 16)
+    branches_2: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     l2_hashes: tuple[int, ...] = (8, 12)
     sign_hashes: tuple[int, ...] = (8, 12)
     simple_hashes: tuple[int, ...] = (8, 12)
@@ -101,12 +101,13 @@ class MipsConfig:
 
 
 def make_config(scale: str = "quick", seed: int = 0) -> MipsConfig:
-    """The quick (≤ 5 min on 2 cores, subsets) or full (GloVe-390k, 10k queries) configuration."""
+    """Quick (≤ 5 min on 2 cores: subsets) or full (GloVe-390k, 10k held out, 2,000 of them answered) config."""
     check_choice("scale", scale, ("quick", "full"))
     seed = check_int("seed", seed)
+    threads = torch.get_num_threads()  # what `triptych reproduce --threads N` set; recorded and re-set by run()
     if scale == "quick":
-        return MipsConfig(scale=scale, seed=seed)
-    return MipsConfig(scale=scale, seed=seed, glove_items=None, glove_queries=10_000, rec_users=20_000,
+        return MipsConfig(scale=scale, seed=seed, threads=threads)
+    return MipsConfig(scale=scale, seed=seed, threads=threads, glove_items=None, glove_queries=10_000, rec_users=20_000,
                       rec_items=50_000, rec_queries=10_000, eval_queries=2_000, min_speedup=10.0,
                       branches_1=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                       branches_2=(1, 2, 4, 8, 16, 32), l2_hashes=(10, 14), sign_hashes=(10, 14),
@@ -312,14 +313,17 @@ def _point_name(row: dict[str, Any]) -> str:
 def _pareto_figure(results: dict[str, Any], axis: str, out_dir: Path, name: str) -> str:
     datasets = list(results)
     fig, axes = plt.subplots(len(datasets), len(PRECISION_KS), figsize=(5 * len(PRECISION_KS), 4 * len(datasets)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for row_axes, dataset in zip(axes, datasets, strict=True):
         rows = results[dataset]["rows"]
+        methods = list(dict.fromkeys(r["method"] for r in rows))
+        family_of = {r["method"]: r["family"] for r in rows}
         for ax, k in zip(row_axes, PRECISION_KS, strict=True):
-            for method in dict.fromkeys(r["method"] for r in rows):
+            for method in methods:
+                family = family_of[method]
+                siblings = [m for m in methods if family_of[m] == family]
+                style = "-o" if family in CLUSTERING else ("--.", ":x", "-.+")[siblings.index(method) % 3]
                 points = sorted((r[axis], r[f"p@{k}"]) for r in rows if r["method"] == method)
-                family = next(r["family"] for r in rows if r["method"] == method)
-                style = "-o" if family in CLUSTERING else "--."
                 ax.plot(*zip(*points, strict=True), style, color=COLORS[family], label=method, markersize=4)
             ax.set_xscale("log")
             ax.set_xlabel("speedup (brute-force dot products / computed)" if axis == "speedup"
@@ -328,12 +332,13 @@ def _pareto_figure(results: dict[str, Any], axis: str, out_dir: Path, name: str)
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(f"{dataset}: precision@{k}")
             ax.grid(alpha=0.3)
-        row_axes[-1].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(5, len(labels)), fontsize=8)
     return save_figure(fig, out_dir, name)
 
 
 def _noise_figure(results: dict[str, Any], sigmas: tuple[float, ...], out_dir: Path) -> str:
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False, layout="constrained")
     for ax, (dataset, result) in zip(axes[0], results.items(), strict=True):
         for family, curve in result["noise"].items():
             ax.plot(sigmas, curve["p@10"], "-o", color=COLORS[family],
@@ -355,9 +360,11 @@ def _results_table(result: dict[str, Any]) -> str:
 
 
 def _noise_table(result: dict[str, Any], sigmas: tuple[float, ...]) -> str:
-    rows = [[f"{c['method']} ({c['knob']}={c['setting']})", c["speedup"], *c["p@10"]]
+    rows = [[f"{c['method']} ({c['knob']}={c['setting']})", c["speedup"], *c["p@10"],
+             c["p@10"][-1] / c["p@10"][0] if c["p@10"][0] > 0 else float("nan")]
             for c in result["noise"].values()]
-    return markdown_table(["method (setting)", "speedup", *[f"σ={s:g}" for s in sigmas]], rows)
+    return markdown_table(["method (setting)", "speedup", *[f"σ={s:g}" for s in sigmas],
+                           f"kept at σ={sigmas[-1]:g} (ratio)"], rows)
 
 
 def _targets_section(results: dict[str, Any], tolerance: float) -> tuple[str, bool]:
