@@ -17,8 +17,10 @@ from triptych.data.streams import (
     logistic_regression_stream,
     mnist_stream,
 )
+from triptych.data.vectors import MipsSet, gaussian_mips, load_glove, synthetic_recommender
 
 __all__ = ["CANVAS_SIZE", "DISTORTIONS", "DataUnavailableError", "DistortedSet", "distort", "fixed_test_set",
            "fixed_validation_set", "split_train_validation", "training_batches",
            "OnlineStream", "linear_regression_stream", "load_mnist",
-           "logistic_regression_stream", "mnist_stream", "parse_idx"]
+           "logistic_regression_stream", "mnist_stream", "parse_idx",
+           "MipsSet", "gaussian_mips", "load_glove", "synthetic_recommender"]
