@@ -261,3 +261,13 @@ def test_band_helpers():
     assert bounds[0] == 0 and bounds[-1] == 4000
     sizes = np.diff(bounds)
     assert np.all(sizes[:-1] > sizes[1:])  # low-norm bands are the largest, the top band the smallest
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_index_matches_cpu(index, data, tmp_path):
+    items, queries = data
+    gpu = ClusterIndex(16, seed=0).train(torch.from_numpy(items).cuda()).add(items)
+    assert gpu.device.type == "cuda"
+    np.testing.assert_array_equal(gpu.search(queries, 10, branches=gpu.n_leaves)[1], _exact(queries, items, 10)[1])
+    moved = ClusterIndex.load(index.save(tmp_path / "i.tpx"), device="cuda")
+    np.testing.assert_array_equal(moved.search(queries, 10, branches=6)[1], index.search(queries, 10, branches=6)[1])

@@ -48,7 +48,7 @@ import torch
 from triptych import _io
 from triptych._validation import as_float_matrix, check_choice, check_int, check_real
 from triptych.mips import reductions
-from triptych.mips.kmeans import Level, SphericalKMeans, build_hierarchy, level_sizes, suggested_clusters
+from triptych.mips.kmeans import Level, SphericalKMeans, assign, build_hierarchy, level_sizes, suggested_clusters
 
 __all__ = ["ClusterIndex", "SearchStats", "band_bounds", "default_bands"]
 
@@ -292,8 +292,7 @@ class ClusterIndex:
             shrink = (band_max / nb.clamp(min=band_max)).unsqueeze(1)
             reduced = self._reduce_items(xb * shrink, band_max)
             leaves = torch.nonzero(self._leaf_band == b).flatten()
-            sims = reduced @ self._centroids[leaves].T
-            labels[rows] = leaves[sims.argmax(dim=1)]
+            labels[rows] = leaves[assign(reduced, self._centroids[leaves])[0]]
         return labels
 
     # ------------------------------------------------------------------ search
