@@ -26,7 +26,8 @@ def tiny_config(**overrides) -> llr.LLRConfig:
                      lr_grid=(1e-3, 1e-1, 10.0), baseline_lr_grid=(1e-3, 1e-2, 1e-1, 10.0),
                      hyper_lr_grid=(2e-3, 2e-2, 2e-1), default_hyper_lr=2e-2, hd_hyper_lr_grid=(1e-3,),
                      n_heldout=200, mnist_samples=48, mnist_heldout=20, mnist_lr_grid=(1e-2, 1e-1), mnist_hidden=8,
-                     n_records=20, target_lr_range=(1e-3, 1e-1), aim_lr_range=(1e-3, 10.0), workers=1)
+                     n_records=20, target_lr_range=(1e-3, 1e-1), aim_lr_range=(1e-3, 10.0), variant_lr_grid=(1e-1,),
+                     workers=1)
     return replace(config, **overrides)
 
 
@@ -88,7 +89,7 @@ def test_curvature_variants_agree_on_a_quadratic_and_differ_from_hessian_free():
     # On ½(xᵀθ − y)² the gradient is linear in θ, so the finite-difference H_t h_t is exact: the two variants
     # (each with its own closure through the runs' parameter views) must follow the same trajectory.
     stream = linear_regression_stream(60, dim=4, seed=5)
-    config = tiny_config(lr_grid=(1e-2, 1e-1))
+    config = tiny_config(lr_grid=(1e-2, 1e-1), variant_lr_grid=(1e-2, 1e-1))
     specs = [spec for spec in llr.method_grid(config, config.lr_grid, config.lr_grid, 60, {},
                                               ("finite_difference", "exact"))
              if spec.method.startswith("LLR") and spec.hparams["hyper_lr"] == config.default_hyper_lr]
@@ -182,7 +183,8 @@ def test_tiny_end_to_end_report(tmp_path, monkeypatch):
         assert rows[best_lr]["sgd_final"] == pytest.approx(1.0)
     assert all(row["sgd_final"] >= 1.0 - 1e-12 for row in e1["per_lr"])  # ratios to the best in hindsight
     assert e1["methods"]["SGD"]["diverged"] >= 1  # η = 10 diverges on these inputs
-    assert {"SGD", "SGD 1/t", "SGD-HD", "LLR"} <= set(e1["methods"])
+    assert {"SGD", "SGD 1/t", "SGD-HD", "LLR", "LLR exact", "LLR finite_difference"} <= set(e1["methods"])
+    assert "curvature variants" in text and "LLR exact" not in summaries["E2-jump"]["methods"]
     assert "rls" in e1 and e1["rls"]["cumulative_ratio"] > 0
     targets = report.results["targets"]
     assert {t["experiment"] for t in targets} == {"E1", "E2-jump", "E4"}

@@ -102,7 +102,8 @@ class LLRConfig:
         n_records: how many points of ``η_t`` and of the running loss are kept per run.
         target_lr_range: the ``η_0`` range the issue's targets require, and the range they aim for.
         curvature_variants: LLR's variants with curvature (``"finite_difference"``, ``"exact"``) run at the
-            default μ over ``lr_grid`` in the experiments ``variant_experiments``, against the default Hessian-free.
+            default μ from each ``η_0`` of ``variant_lr_grid`` in the experiments ``variant_experiments``, against
+            the default Hessian-free variant.
         workers: experiments run in parallel processes (each one deterministic, so the results do not depend
             on it); :func:`make_config` uses one per torch thread (``--threads``).
     """
@@ -133,6 +134,7 @@ class LLRConfig:
     target_lr_range: tuple[float, float] = (1e-4, 1.0)
     aim_lr_range: tuple[float, float] = (1e-5, 10.0)
     curvature_variants: tuple[str, ...] = ("finite_difference", "exact")
+    variant_lr_grid: tuple[float, ...] = (1e-4, 1e-2, 1.0)
     variant_experiments: tuple[str, ...] = ("E1",)
     workers: int = 1
 
@@ -155,12 +157,12 @@ def make_config(scale: str = "quick", seed: int = 0) -> LLRConfig:
         raise ValueError("scale 'paper' is not supported for llr: the paper's experimental budgets are not known "
                          "(its full text was not available); use 'quick' or 'full'")
     common = {"scale": scale, "seed": seed, "experiments": EXPERIMENTS, "lr_grid": _log_grid(-5, 1, 1),
-              "hyper_lr_grid": tuple(float(f"{DEFAULT_HYPER_LR * 10.0 ** k:.3g}") for k in (-2, -1, 0, 1)),
+              "hyper_lr_grid": tuple(float(f"{DEFAULT_HYPER_LR * 10.0 ** k:.3g}") for k in (-2, 0, 1)),
               "default_hyper_lr": DEFAULT_HYPER_LR, "workers": max(1, torch.get_num_threads())}
     if scale == "quick":
-        return LLRConfig(**common, n_steps=1000, baseline_lr_grid=_log_grid(-5, 1, 2), hd_hyper_lr_grid=(1e-3,),
-                         inverse_time_t0=(0.1,), mnist_samples=2400, mnist_heldout=2000,
-                         mnist_lr_grid=_log_grid(-5, 1, 1), mnist_hidden=32)
+        return LLRConfig(**common, n_steps=600, baseline_lr_grid=_log_grid(-5, 1, 2), hd_hyper_lr_grid=(1e-3,),
+                         inverse_time_t0=(0.1,), mnist_samples=1600, mnist_heldout=2000,
+                         mnist_lr_grid=_log_grid(-5, 1, 1), mnist_hidden=32, variant_lr_grid=(1e-2,))
     return LLRConfig(**common, n_steps=20_000, baseline_lr_grid=_log_grid(-5, 1, 4),
                      hd_hyper_lr_grid=(1e-4, 1e-3, 1e-2), inverse_time_t0=(0.01, 0.1), mnist_samples=None,
                      mnist_heldout=None, mnist_lr_grid=_log_grid(-5, 1, 1))
@@ -327,8 +329,9 @@ def method_grid(config: LLRConfig, lr_grid: Sequence[float], baseline_lr_grid: S
                 peers: dict[str, type], variants: Sequence[str] = ()) -> list[RunSpec]:
     """Every run of one experiment: LLR over η_0 × μ, fixed SGD, 1/t, SGD-HD, and the installed peers.
 
-    ``variants`` adds LLR's curvature variants (``"finite_difference"``, ``"exact"``) at the default μ over the
-    ``η_0`` grid, reported as methods ``"LLR exact"`` etc. (``"LLR"`` alone is the default, Hessian-free).
+    ``variants`` adds LLR's curvature variants (``"finite_difference"``, ``"exact"``) at the default μ from each
+    ``η_0`` of ``config.variant_lr_grid``, reported as methods ``"LLR exact"`` etc. (``"LLR"`` alone is the
+    default, Hessian-free).
     """
     specs = [RunSpec(LLR_NAME, {"lr0": lr0, "hyper_lr": mu}, LLR, {"lr": lr0, "hyper_lr": mu}, track_lr=True)
              for mu in config.hyper_lr_grid for lr0 in lr_grid]
@@ -337,7 +340,7 @@ def method_grid(config: LLRConfig, lr_grid: Sequence[float], baseline_lr_grid: S
         mu = config.default_hyper_lr
         specs += [RunSpec(f"{LLR_NAME} {variant}", {"lr0": lr0, "hyper_lr": mu}, factory,
                           {"lr": lr0, "hyper_lr": mu}, shareable=shareable, track_lr=True, closure=closure)
-                  for lr0 in lr_grid]
+                  for lr0 in config.variant_lr_grid]
     specs += [RunSpec(SGD_NAME, {"lr0": lr0}) for lr0 in baseline_lr_grid]
     for fraction in config.inverse_time_t0:
         t0 = max(1.0, fraction * n_steps)
@@ -840,8 +843,8 @@ def experiment_section(name: str, summary: dict[str, Any], config: LLRConfig) ->
         columns.update({m: {row["lr0"]: (row["cumulative"], row["final"]) for row in rows}
                         for m, rows in summary["variants"].items()})
         headers = ["η_0"] + [f"{m} {metric}" for m in columns for metric in ("cumulative", "final")]
-        rows = [[f"{lr0:g}"] + [_fmt(v) for m in columns for v in columns[m].get(lr0, (math.inf, math.inf))]
-                for lr0 in columns["LLR"]]
+        variant_lrs = sorted({row["lr0"] for rows in summary["variants"].values() for row in rows})
+        rows = [[f"{lr0:g}"] + [_fmt(v) for m in columns for v in columns[m][lr0]] for lr0 in variant_lrs]
         lines.append(markdown_table(headers, rows))
     return "\n".join(lines)
 
