@@ -132,6 +132,8 @@ def test_invalid_arguments_are_refused_with_a_clear_message():
         dm.distort(_blob_digits(2), "R", 0)
     with pytest.raises(ValueError, match="finite"):
         dm.distort(torch.full((2, 28, 28), float("nan")), "P", _gen(0))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\].*got values in \[0, 255\]"):
+        dm.distort(_blob_digits(2) * 255, "R", _gen(0))
     with pytest.raises(ValueError, match="clutter_pool must hold at least one digit"):
         dm.distort(_blob_digits(2), "TC", _gen(0), clutter_pool=torch.zeros(0, 28, 28))
     with pytest.raises(ValueError, match="batch_size must be <= 4"):

@@ -66,11 +66,14 @@ def check_distortion(distortion: str) -> str:
 
 
 def _check_digits(digits: torch.Tensor) -> torch.Tensor:
-    """``(B, 28, 28)`` digits as float32 in [0, 1]: uint8 is divided by 255, floats are checked and kept."""
+    """``(B, 28, 28)`` digits as float32 in [0, 1]: uint8 is divided by 255, floats must be finite and in [0, 1]."""
     check_tensor("digits", digits, shape=(None, DIGIT_SIZE, DIGIT_SIZE))
     if digits.dtype == torch.uint8:
         return digits.float().div_(255.0)
     check_tensor("digits", digits, floating=True, finite=True)
+    if digits.numel() and (float(digits.min()) < 0.0 or float(digits.max()) > 1.0):
+        raise ValueError(f"float digits must lie in [0, 1] (black background 0), got values in "
+                         f"[{float(digits.min()):.3g}, {float(digits.max()):.3g}]; pass uint8 images for 0-255")
     return digits.float()
 
 
@@ -259,11 +262,17 @@ def distort(digits: torch.Tensor, distortion: str, generator: torch.Generator,
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     digits = _check_digits(digits)
+    pool = digits if clutter_pool is None else _check_digits(clutter_pool)
+    if distortion == "TC" and pool.shape[0] == 0:
+        raise ValueError("clutter_pool must hold at least one digit, got none")
+    return _distort(digits, distortion, generator, pool)
+
+
+def _distort(digits: torch.Tensor, distortion: str, generator: torch.Generator,
+             clutter_pool: torch.Tensor) -> torch.Tensor:
+    """:func:`distort` on inputs already checked (float digits in [0, 1]), so loops validate only once."""
     if distortion == "TC":
-        pool = digits if clutter_pool is None else _check_digits(clutter_pool)
-        if pool.shape[0] == 0:
-            raise ValueError("clutter_pool must hold at least one digit, got none")
-        return translate_clutter(digits, generator, pool)
+        return translate_clutter(digits, generator, clutter_pool)
     warp = {"R": rotate, "RTS": rotate_translate_scale, "P": project, "E": elastic}[distortion]
     return warp(digits, generator).clamp_(0.0, 1.0)
 
@@ -290,7 +299,8 @@ def distort_fixed(digits: torch.Tensor, labels: torch.Tensor, distortion: str, s
     check_distortion(distortion)
     generator = torch.Generator().manual_seed(check_int("seed", seed, low=0))
     pool = _check_digits(digits)
-    chunks = [distort(pool[i:i + _CHUNK], distortion, generator, clutter_pool=pool)
+    check_tensor("labels", labels, shape=(pool.shape[0],))
+    chunks = [_distort(pool[i:i + _CHUNK], distortion, generator, pool)
               for i in range(0, pool.shape[0], _CHUNK)]
     return DistortedSet(torch.cat(chunks), labels.long(), distortion, seed)
 
@@ -328,14 +338,14 @@ def training_batches(digits: torch.Tensor, labels: torch.Tensor, distortion: str
     epochs see the same image. TC clutter is cut from the same training digits.
     """
     check_distortion(distortion)
-    batch_size = check_int("batch_size", batch_size, low=1, high=digits.shape[0])
-    check_tensor("labels", labels, shape=(digits.shape[0],))
     pool = _check_digits(digits)
+    batch_size = check_int("batch_size", batch_size, low=1, high=pool.shape[0])
+    check_tensor("labels", labels, shape=(pool.shape[0],))
     while True:
         order = torch.randperm(pool.shape[0], generator=generator)
         for start in range(0, pool.shape[0] - batch_size + 1, batch_size):
             index = order[start:start + batch_size]
-            yield distort(pool[index], distortion, generator, clutter_pool=pool), labels[index]
+            yield _distort(pool[index], distortion, generator, pool), labels[index]
 
 
 __all__ = [
