@@ -184,6 +184,7 @@ def test_tiny_end_to_end_report(tmp_path, monkeypatch):
     assert all(row["sgd_final"] >= 1.0 - 1e-12 for row in e1["per_lr"])  # ratios to the best in hindsight
     assert e1["methods"]["SGD"]["diverged"] >= 1  # η = 10 diverges on these inputs
     assert {"SGD", "SGD 1/t", "SGD-HD", "LLR", "LLR exact", "LLR finite_difference"} <= set(e1["methods"])
+    assert "LLR test accuracy" in text and "LLR test accuracy" not in text.split("### E4")[0]
     assert "curvature variants" in text and "LLR exact" not in summaries["E2-jump"]["methods"]
     assert "rls" in e1 and e1["rls"]["cumulative_ratio"] > 0
     targets = report.results["targets"]

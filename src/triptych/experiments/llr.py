@@ -616,11 +616,12 @@ def summarise(grid: GridResult, config: LLRConfig) -> dict[str, Any]:
     for lr0 in llr_lrs:
         (sgd,) = _select(grid.runs, SGD_NAME, lr0=lr0)
         row = {"lr0": lr0, "sgd_cumulative": _ratio(sgd.cumulative_loss, best["cumulative_loss"]),
-               "sgd_final": _ratio(sgd.final_loss, best["final_loss"])}
+               "sgd_final": _ratio(sgd.final_loss, best["final_loss"]), "sgd_accuracy": sgd.final_accuracy}
         for llr in _select(grid.runs, LLR_NAME, lr0=lr0):
             key = f"mu={llr.hparams['hyper_lr']:g}"
             row[f"llr_cumulative[{key}]"] = _ratio(llr.cumulative_loss, best["cumulative_loss"])
             row[f"llr_final[{key}]"] = _ratio(llr.final_loss, best["final_loss"])
+            row[f"llr_accuracy[{key}]"] = llr.final_accuracy
         per_lr.append(row)
     methods = {}
     for method in dict.fromkeys(r.method for r in grid.runs):
@@ -802,6 +803,10 @@ def _fmt(value: float) -> str:
     return "div." if not math.isfinite(value) else f"{value:.3g}"
 
 
+def _accuracy(value: float | None) -> str:
+    return "div." if value is None else f"{100 * value:.1f} %"
+
+
 def _hparams(hparams: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in hparams.items()) or "defaults"
 
@@ -821,9 +826,14 @@ def experiment_section(name: str, summary: dict[str, Any], config: LLRConfig) ->
                 f"({summary['rls']['final_ratio']:.3g}×)." if "rls" in summary else ""),
              "",
              f"Ratios to the best fixed SGD, per η_0 (LLR at μ = {mu:g}; `div.` = diverged):", ""]
-    rows = [(f"{row['lr0']:g}", _fmt(row["sgd_cumulative"]), _fmt(row[f"llr_cumulative[{key}]"]),
-             _fmt(row["sgd_final"]), _fmt(row[f"llr_final[{key}]"])) for row in summary["per_lr"]]
-    lines.append(markdown_table(["η_0", "SGD cumulative", "LLR cumulative", "SGD final", "LLR final"], rows))
+    headers = ["η_0", "SGD cumulative", "LLR cumulative", "SGD final", "LLR final"]
+    rows = [[f"{row['lr0']:g}", _fmt(row["sgd_cumulative"]), _fmt(row[f"llr_cumulative[{key}]"]),
+             _fmt(row["sgd_final"]), _fmt(row[f"llr_final[{key}]"])] for row in summary["per_lr"]]
+    if any(row["sgd_accuracy"] is not None for row in summary["per_lr"]):
+        headers += ["SGD test accuracy", "LLR test accuracy"]
+        for cells, row in zip(rows, summary["per_lr"], strict=True):
+            cells += [_accuracy(row["sgd_accuracy"]), _accuracy(row[f"llr_accuracy[{key}]"])]
+    lines.append(markdown_table(headers, rows))
     lines += ["", "Each method at its best setting in hindsight (separately for each column), and divergences:", ""]
     rows = [(method, _fmt(v["best_cumulative"]), _hparams(v["best_cumulative_hparams"]), _fmt(v["best_final"]),
              _hparams(v["best_final_hparams"]), f"{v['diverged']}/{v['runs']}")
