@@ -112,7 +112,7 @@ def bench_triptych(items: torch.Tensor, queries: torch.Tensor, true_ids: np.ndar
     index.save(path)
     result = MethodResult(f"triptych ClusterIndex ({levels} level{'s' if levels > 1 else ''}, "
                           f"{index.n_leaves} leaves)", build_s, _file_bytes(path), "branches", index.n_leaves)
-    settings = _powers_of_two(256 if levels == 1 else 64)
+    settings = _powers_of_two(index.n_leaves // 4 if levels == 1 else 128)
     return _sweep(result, settings, lambda b: index.search(queries, K, branches=b)[1], true_ids)
 
 
@@ -147,7 +147,7 @@ def bench_faiss_ivf(items: np.ndarray, queries: np.ndarray, true_ids: np.ndarray
         index.nprobe = nprobe
         return index.search(queries, K)[1]
 
-    return _sweep(result, [p for p in _powers_of_two(nlist) if p <= 256], search, true_ids)
+    return _sweep(result, _powers_of_two(nlist // 2), search, true_ids)
 
 
 def bench_hnswlib(items: np.ndarray, queries: np.ndarray, true_ids: np.ndarray, threads: int,
@@ -193,7 +193,7 @@ def bench_scann(items: np.ndarray, queries: np.ndarray, true_ids: np.ndarray, n_
     def search(leaves: int) -> np.ndarray:
         return searcher.search_batched_parallel(queries, leaves_to_search=leaves)[0].astype(np.int64)
 
-    return _sweep(result, [p for p in _powers_of_two(n_leaves) if p <= 256], search, true_ids)
+    return _sweep(result, _powers_of_two(n_leaves // 2), search, true_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -386,7 +386,7 @@ def _targets_section(results: dict[str, Any], tolerance: float) -> tuple[str, bo
                 tag = "" if axis == "speedup" else " (informational)"
                 lines.append(f"- {dataset}, precision@{k}, {label}{tag}: **{'met' if met else 'missed'}** "
                              f"({entry['judged'] - len(missed)}/{entry['judged']} baseline points up to "
-                             f"{entry['clustering_reach']:.0f}× dominated){detail}")
+                             f"{entry['clustering_reach']:.3g}× dominated){detail}")
             beyond = result["targets"][f"p@10/{axis}"]["beyond_reach"]
             if beyond:
                 lines.append(f"  - {label} beyond the clustering reach (not judged): {'; '.join(beyond)}")
