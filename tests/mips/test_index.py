@@ -196,22 +196,26 @@ def test_corrupted_and_truncated_files_refused(index, tmp_path):
     (tmp_path / "short.tpx").write_bytes(raw[:-10])
     with pytest.raises(ValueError, match="truncated"):
         ClusterIndex.load(tmp_path / "short.tpx")
-    flipped = bytearray(raw)
-    flipped[-100] ^= 0xFF
-    (tmp_path / "flip.tpx").write_bytes(bytes(flipped))
-    with pytest.raises(ValueError, match="SHA-256"):
-        ClusterIndex.load(tmp_path / "flip.tpx")
+    for position in (-100, 70):  # one byte of the payload, one of the JSON metadata
+        flipped = bytearray(raw)
+        flipped[position] ^= 0xFF
+        (tmp_path / "flip.tpx").write_bytes(bytes(flipped))
+        with pytest.raises(ValueError, match="SHA-256"):
+            ClusterIndex.load(tmp_path / "flip.tpx")
     (tmp_path / "other.tpx").write_bytes(b"PK\x03\x04" + raw[4:])
     with pytest.raises(ValueError, match="bad magic"):
         ClusterIndex.load(tmp_path / "other.tpx")
     (tmp_path / "tiny.tpx").write_bytes(raw[:5])
     with pytest.raises(ValueError, match="too short"):
         ClusterIndex.load(tmp_path / "tiny.tpx")
-    meta = bytearray(raw)
-    meta[25] ^= 0xFF
-    (tmp_path / "meta.tpx").write_bytes(bytes(meta))
-    with pytest.raises(ValueError, match="corrupted index metadata"):
-        ClusterIndex.load(tmp_path / "meta.tpx")
+    (tmp_path / "long.tpx").write_bytes(raw + b"\x00")
+    with pytest.raises(ValueError, match="truncated or padded"):
+        ClusterIndex.load(tmp_path / "long.tpx")
+    newer = bytearray(raw)
+    newer[8] = 99
+    (tmp_path / "newer.tpx").write_bytes(bytes(newer))
+    with pytest.raises(ValueError, match="unsupported index format version 99"):
+        ClusterIndex.load(tmp_path / "newer.tpx")
 
 
 def test_errors(index, data):

@@ -31,6 +31,7 @@ reduction (``x·M_b/‖x‖``, so that their direction decides the leaf); ``n_c`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -59,7 +60,8 @@ FORMAT_VERSION = 1
 REDUCTIONS = ("sign_alsh", "simple_lsh")
 # Each norm band (from the top) holds this many times the items of the band above it.
 BAND_GROWTH = 3.0
-_HEADER = struct.Struct("<8sIQ")  # magic, format version, length of the JSON metadata
+# magic, format version, length of the JSON metadata, length of the payload, SHA-256 of metadata + payload
+_HEADER = struct.Struct("<8sIQQ32s")
 
 Progress = Callable[[str, int, int], None]
 
@@ -443,43 +445,51 @@ class ClusterIndex:
                 "seed": self.seed, "max_iter": self.max_iter}
 
     def save(self, path: str | Path) -> Path:
-        """Write the index to ``path`` atomically: header, JSON metadata, SHA-256 of the payload, payload."""
+        """Write the index to ``path`` atomically.
+
+        Layout: ``magic (8 B) | format version (u32) | metadata length (u64) | payload length (u64) |
+        SHA-256 of metadata + payload (32 B) | JSON metadata (parameters, tensor table) | payload`` (raw
+        little-endian tensors). Loading the file gives back an index whose searches return the same bits.
+        """
         self._require_trained("save")
         payload = io.BytesIO()
         table = []
         for name, tensor in self._state().items():
             array = tensor.detach().cpu().contiguous().numpy()
             table.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape),
-                          "offset": payload.tell(), "nbytes": array.nbytes})
+                          "offset": payload.tell()})
             payload.write(array.tobytes())
         data = payload.getvalue()
-        meta = json.dumps({"params": self._params(), "tensors": table, "payload_bytes": len(data),
-                           "sha256": _io.sha256_bytes(data)}, sort_keys=True).encode("utf-8")
-        return _io.atomic_write_bytes(path, _HEADER.pack(MAGIC, FORMAT_VERSION, len(meta)) + meta + data)
+        meta = json.dumps({"params": self._params(), "tensors": table}, sort_keys=True).encode("utf-8")
+        digest = hashlib.sha256(meta + data).digest()
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(meta), len(data), digest)
+        return _io.atomic_write_bytes(path, header + meta + data)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> ClusterIndex:
-        """Read an index written by :meth:`save`; refuses truncated, corrupted or foreign files (``ValueError``)."""
+        """Read an index written by :meth:`save` onto ``device`` (default CPU).
+
+        Raises:
+            ValueError: not an index file, another format version, truncated or padded, or corrupted (the
+                SHA-256 of metadata and payload does not match the header).
+        """
         raw = Path(path).read_bytes()
         if len(raw) < _HEADER.size:
             raise ValueError(f"{path}: not a triptych MIPS index (file too short: {len(raw)} bytes)")
-        magic, version, meta_len = _HEADER.unpack_from(raw)
+        magic, version, meta_len, data_len, digest = _HEADER.unpack_from(raw)
         if magic != MAGIC:
             raise ValueError(f"{path}: not a triptych MIPS index (bad magic {magic!r})")
         if version != FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported index format version {version}, expected {FORMAT_VERSION}")
-        meta_end = _HEADER.size + meta_len
-        try:
-            meta = json.loads(raw[_HEADER.size:meta_end].decode("utf-8"))
-            expected_bytes, digest = int(meta["payload_bytes"]), meta["sha256"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: corrupted index metadata ({error})") from error
-        data = raw[meta_end:]
-        if len(data) != expected_bytes:
-            raise ValueError(f"{path}: truncated or padded index: payload has {len(data)} bytes, "
-                             f"expected {expected_bytes}")
-        if _io.sha256_bytes(data) != digest:
-            raise ValueError(f"{path}: corrupted index: SHA-256 of the payload does not match the header")
+        body = raw[_HEADER.size:]
+        if len(body) != meta_len + data_len:
+            raise ValueError(f"{path}: truncated or padded index: {len(body)} bytes after the header, "
+                             f"expected {meta_len + data_len}")
+        if hashlib.sha256(body).digest() != digest:
+            raise ValueError(f"{path}: corrupted index: the SHA-256 of metadata and payload does not match the "
+                             "header")
+        meta = json.loads(body[:meta_len].decode("utf-8"))
+        data = body[meta_len:]
         state = {}
         for entry in meta["tensors"]:
             array = np.frombuffer(data, dtype=np.dtype(entry["dtype"]), count=math.prod(entry["shape"]),
