@@ -124,6 +124,9 @@ def test_saved_cells_are_reused_and_only_missing_or_stale_cells_train(tiny_run, 
     records, _ = stn.run_cells(_tiny_config(), out)
     assert trained == [] and [(r["distortion"], r["model"]) for r in records] == list(TINY_CELLS)
     assert {p.name: p.read_bytes() for p in (out / "cells").iterdir()} == saved  # untouched
+    (out / "cells" / f"{stn.cell_name(*TINY_CELLS[0])}.pt").unlink()  # weights only feed the figures
+    stn.run_cells(_tiny_config(), out)
+    assert trained == []
 
     (out / "cells" / f"{stn.cell_name(*TINY_CELLS[1])}.json").unlink()  # a run stopped before its last cell
     stn.run_cells(_tiny_config(), out)

@@ -258,7 +258,7 @@ def train_cell(distortion: str, model_name: str, splits: Splits, config: STNConf
 
 
 def save_cell(cells_dir: Path, record: dict[str, Any], model: nn.Module) -> None:
-    """Write the weights, then the record (each atomically): a record on disk always has its weights."""
+    """Write the weights, then the record (each atomically): the record is the mark of a finished cell."""
     name = cell_name(record["distortion"], record["model"])
     buffer = io.BytesIO()
     torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buffer)
@@ -267,9 +267,12 @@ def save_cell(cells_dir: Path, record: dict[str, Any], model: nn.Module) -> None
 
 
 def load_cell(cells_dir: Path, distortion: str, model: str, config: STNConfig) -> dict[str, Any] | None:
-    """The saved record of a cell if it was trained with this config's settings, else ``None``."""
+    """The saved record of a cell if it was trained with this config's settings, else ``None``.
+
+    The weights (``.pt``) are only needed for the figures, so a record without them still counts as done.
+    """
     path = cells_dir / f"{cell_name(distortion, model)}.json"
-    if not path.is_file() or not path.with_suffix(".pt").is_file():
+    if not path.is_file():
         return None
     record = json.loads(path.read_text())
     if record.get("fingerprint") != config.fingerprint():
@@ -501,10 +504,11 @@ def mean_pose_figure(models: Sequence[tuple[str, nn.Module]], data: dict[str, Di
 
 
 def _figure_models(records: Sequence[dict[str, Any]], cells_dir: Path) -> list[tuple[str, nn.Module]]:
-    """One trained transformer model per distortion (ST-CNN Aff first, else the first ST model trained)."""
+    """One trained transformer model per distortion (ST-CNN Aff first, else the first ST model with saved weights)."""
     chosen = []
     for distortion in _columns(records):
-        candidates = [r for r in records if r["distortion"] == distortion and r["model"].startswith("ST")]
+        candidates = [r for r in records if r["distortion"] == distortion and r["model"].startswith("ST")
+                      and (cells_dir / f"{cell_name(r['distortion'], r['model'])}.pt").is_file()]
         candidates.sort(key=lambda r: r["model"] != "ST-CNN Aff")
         if candidates:
             chosen.append((distortion, load_cell_model(cells_dir, candidates[0])))
