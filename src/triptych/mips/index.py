@@ -9,7 +9,8 @@ Build (``train`` then ``add``):
    below ``M`` (GloVe: median 4.4, max 14.1), and the clustering mostly sorts items by norm.
 2. MIPS → MCSS per band: items ``P_b(x)`` (:mod:`triptych.mips.reductions`, ``M = M_b``); the query transform
    ``Q(q)`` does not depend on ``M``, so every band shares one query vector.
-3. Spherical k-means on ``P_b(x)`` inside each band, ``C_b ∝ N_b`` leaves; optional upper levels cluster the
+3. Spherical k-means on ``P_b(x)`` inside each band, ``C_b ∝ N_b · 2^b`` leaves (smaller leaves for larger
+   norms, :data:`LEAF_DENSITY`); optional upper levels cluster the
    leaf centroids (level ``l + 1`` clusters the centroids of level ``l``).
 
 Search: every node ``c`` (leaf or upper-level cluster) keeps, in the original space, a unit direction
@@ -60,6 +61,10 @@ FORMAT_VERSION = 1
 REDUCTIONS = ("sign_alsh", "simple_lsh")
 # Each norm band (from the top) holds this many times the items of the band above it.
 BAND_GROWTH = 3.0
+# Leaves per item double from one band to the next one up: the high-norm leaves are probed by most queries, so
+# making them small saves the most candidates (GloVe: recall@10 = 0.9 at about 40% fewer candidates than with
+# leaves of equal size).
+LEAF_DENSITY = 2.0
 # magic, format version, length of the JSON metadata, length of the payload, SHA-256 of metadata + payload
 _HEADER = struct.Struct("<8sIQQ32s")
 
@@ -179,12 +184,12 @@ class ClusterIndex:
         return self._device
 
     def default_branches(self) -> int:
-        """Branches kept per level when ``search(branches=None)``: 3% of the leaves, at least 8 (at most all).
+        """Branches kept per level when ``search(branches=None)``: 4% of the leaves, at least 8 (at most all).
 
-        On GloVe-390k (2,500 leaves, 4 bands) probing 3% of the leaves gives recall@10 ≈ 0.95.
+        On GloVe-390k (2,500 leaves, 4 bands) probing 4% of the leaves gives recall@10 ≈ 0.9.
         """
         self._require_trained("default_branches")
-        return min(self.n_leaves, max(8, math.ceil(0.03 * self.n_leaves)))
+        return min(self.n_leaves, max(8, math.ceil(0.04 * self.n_leaves)))
 
     def _require_trained(self, action: str) -> None:
         if not self.is_trained:
@@ -219,7 +224,7 @@ class ClusterIndex:
         centroids, leaf_band = [], []
         train_labels = torch.empty(n, dtype=torch.int64, device=x.device)
         counts = np.diff(bounds)
-        per_band = _apportion(n_leaves, counts)
+        per_band = _apportion(n_leaves, counts, LEAF_DENSITY ** np.arange(n_bands))
         for band in range(n_bands):
             if self.progress is not None:
                 self.progress("k-means", band, n_bands)
@@ -524,10 +529,11 @@ class ClusterIndex:
         return f"ClusterIndex(dim={self.dim}, levels={self.levels}, reduction={self.reduction!r}, {state})"
 
 
-def _apportion(total: int, counts: np.ndarray) -> np.ndarray:
-    """Split ``total`` leaves over bands proportionally to ``counts`` (largest remainder), ≥ 1 and ≤ count each."""
+def _apportion(total: int, counts: np.ndarray, density: np.ndarray) -> np.ndarray:
+    """Split ``total`` leaves over bands ∝ ``counts · density`` (largest remainder), ≥ 1 and ≤ count each."""
     counts = np.asarray(counts, dtype=np.int64)
-    share = total * counts / counts.sum()
+    weights = counts * np.asarray(density, dtype=np.float64)
+    share = total * weights / weights.sum()
     out = np.maximum(1, np.floor(share).astype(np.int64))
     for band in np.argsort(-(share - np.floor(share)), kind="stable")[: max(0, total - int(out.sum()))]:
         out[band] += 1
