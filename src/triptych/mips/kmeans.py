@@ -35,8 +35,12 @@ Progress = Callable[[str, int, int], None]
 
 
 def default_n_iter() -> int:
-    """The default number of Lloyd iterations (faiss uses 25 for its IVF quantizer; we stop earlier on ``tol``)."""
-    return 25
+    """The default number of Lloyd iterations: 10.
+
+    faiss runs 25 for its IVF quantizer; for search quality the last 15 do not matter (GloVe-390k, 2,500
+    leaves: recall@10 at 16 branches 0.664 after 10 iterations, 0.672 after 25), while they cost 60% of the build.
+    """
+    return 10
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
