@@ -40,6 +40,7 @@ import math
 import struct
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -417,14 +418,17 @@ class ClusterIndex:
         top_s = torch.full((pairs.numel(), k), -math.inf, dtype=q.dtype, device=dev)
         top_i = torch.zeros((pairs.numel(), k), dtype=torch.int64, device=dev)
         uniq, per_leaf = torch.unique_consecutive(pair_leaf, return_counts=True)
-        p0 = 0
-        for lo, hi, count in zip(self._offsets[uniq].tolist(), self._offsets[uniq + 1].tolist(), per_leaf.tolist(),
-                                 strict=True):
-            kk = min(k, hi - lo)
-            block = pair_q[p0:p0 + count] @ self._items[lo:hi].T  # (P_c, S_c)
-            torch.topk(block, kk, dim=1, out=(top_s[p0:p0 + count, :kk], top_i[p0:p0 + count, :kk]))
-            top_i[p0:p0 + count, :kk] += lo
-            p0 += count
+        jobs = list(zip(self._offsets[uniq].tolist(), self._offsets[uniq + 1].tolist(),
+                        (torch.cumsum(per_leaf, 0) - per_leaf).tolist(), per_leaf.tolist(), strict=True))
+
+        def scan(part: list[tuple[int, int, int, int]]) -> None:
+            for lo, hi, p0, count in part:
+                kk = min(k, hi - lo)
+                block = pair_q[p0:p0 + count] @ self._items[lo:hi].T  # (P_c, S_c)
+                torch.topk(block, kk, dim=1, out=(top_s[p0:p0 + count, :kk], top_i[p0:p0 + count, :kk]))
+                top_i[p0:p0 + count, :kk] += lo
+
+        _run_split(scan, jobs, dev)
         merged_s = torch.full((n * b, k), -math.inf, dtype=q.dtype, device=dev)
         merged_i = torch.zeros((n * b, k), dtype=torch.int64, device=dev)
         merged_s[pairs], merged_i[pairs] = top_s, top_i
@@ -595,3 +599,24 @@ def _leaf_directions(x: torch.Tensor, labels: torch.Tensor, fallback: torch.Tens
     sums = torch.zeros(fallback.shape[0], x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
     empty = (torch.linalg.vector_norm(sums, dim=1) == 0).unsqueeze(1)
     return _unit(torch.where(empty, fallback, sums))
+
+
+def _run_split(work: Callable[[list], None], jobs: list, device: torch.device) -> None:
+    """Run ``work`` over ``jobs`` split in ``torch.get_num_threads()`` interleaved parts, one Python thread each.
+
+    The per-leaf products are small: torch's intra-op threads would meet at an OpenMP barrier after every one
+    of them (and stall whenever the machine is busy), so on CPU each part runs single-threaded and the parts run
+    in parallel (torch releases the GIL inside its kernels). The parts write disjoint rows of shared buffers.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads <= 1 or len(jobs) < 2 * threads:
+        work(jobs)
+        return
+    parts = [jobs[i::threads] for i in range(threads)]
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for future in [pool.submit(work, part) for part in parts]:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)
