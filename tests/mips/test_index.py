@@ -275,3 +275,13 @@ def test_cuda_index_matches_cpu(index, data, tmp_path):
     np.testing.assert_array_equal(gpu.search(queries, 10, branches=gpu.n_leaves)[1], _exact(queries, items, 10)[1])
     moved = ClusterIndex.load(index.save(tmp_path / "i.tpx"), device="cuda")
     np.testing.assert_array_equal(moved.search(queries, 10, branches=6)[1], index.search(queries, 10, branches=6)[1])
+
+
+def test_threaded_scan_matches_single_thread(index, data):
+    _, queries = data
+    single = index.search(queries, 10, branches=16)
+    torch.set_num_threads(2)  # the autouse fixture restores the count
+    threaded = index.search(queries, 10, branches=16)
+    assert torch.get_num_threads() == 2  # the scan restores the caller's thread count
+    np.testing.assert_array_equal(single[0], threaded[0])
+    np.testing.assert_array_equal(single[1], threaded[1])
