@@ -93,7 +93,7 @@ def test_tiny_run_writes_cells_table_and_figures(tiny_run):
     out, report = tiny_run
     for distortion, model in TINY_CELLS:
         cell = json.loads((out / "cells" / f"{stn.cell_name(distortion, model)}.json").read_text())
-        assert cell["fingerprint"] == _tiny_config().fingerprint()
+        assert cell["fingerprint"] == _tiny_config().fingerprint(model)
         assert 0.0 <= cell["test_error"] <= 100.0 and 0.0 <= cell["validation_error"] <= 100.0
         assert cell["curve"]["iteration"] == [2, 3] and len(cell["curve"]["train_loss"]) == 2
         assert (out / "cells" / f"{stn.cell_name(distortion, model)}.pt").is_file()
@@ -118,7 +118,7 @@ def test_saved_cells_are_reused_and_only_missing_or_stale_cells_train(tiny_run, 
     def fake_train(distortion, model_name, splits, config, device):
         trained.append((distortion, model_name))
         record = json.loads(saved[f"{stn.cell_name(distortion, model_name)}.json"])
-        return {**record, "fingerprint": config.fingerprint()}, stn.new_model(model_name, distortion, 0)
+        return {**record, "fingerprint": config.fingerprint(model_name)}, stn.new_model(model_name, distortion, 0)
 
     monkeypatch.setattr(stn, "train_cell", fake_train)
     records, _ = stn.run_cells(_tiny_config(), out)
@@ -131,6 +131,9 @@ def test_saved_cells_are_reused_and_only_missing_or_stale_cells_train(tiny_run, 
     (out / "cells" / f"{stn.cell_name(*TINY_CELLS[1])}.json").unlink()  # a run stopped before its last cell
     stn.run_cells(_tiny_config(), out)
     assert trained == [TINY_CELLS[1]]
+
+    stn.run_cells(_tiny_config(loc_lr_factor=0.5), out)  # only the transformer model depends on its rate
+    assert trained == [TINY_CELLS[1]] * 2
 
     trained.clear()
     stn.run_cells(_tiny_config(iterations=4), out)  # another budget: every cell is stale

@@ -109,9 +109,13 @@ class STNConfig:
     test_size: int | None = None
     device: str = "auto"
 
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings a saved cell must share with this run to be reused on resume."""
-        return json.loads(to_json({name: getattr(self, name) for name in _FINGERPRINT_FIELDS}))
+    def fingerprint(self, model: str) -> dict[str, Any]:
+        """The settings a saved cell of ``model`` must share with this run to be reused on resume.
+
+        ``loc_lr_factor`` only matters to models with a transformer, so FCN and CNN cells ignore it.
+        """
+        names = [n for n in _FINGERPRINT_FIELDS if n != "loc_lr_factor" or model.startswith("ST-")]
+        return json.loads(to_json({name: getattr(self, name) for name in names}))
 
 
 def table_cells() -> tuple[tuple[str, str], ...]:
@@ -248,7 +252,7 @@ def train_cell(distortion: str, model_name: str, splits: Splits, config: STNConf
             running, count = 0.0, 0
     train_s = time.perf_counter() - start
     record = {
-        "distortion": distortion, "model": model_name, "fingerprint": config.fingerprint(), "seed": seed,
+        "distortion": distortion, "model": model_name, "fingerprint": config.fingerprint(model_name), "seed": seed,
         "device": str(device), "parameters": count_parameters(model),
         "validation_error": error_percent(model, splits.validation, device),
         "test_error": error_percent(model, splits.test, device),
@@ -275,7 +279,8 @@ def load_cell(cells_dir: Path, distortion: str, model: str, config: STNConfig) -
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record.get("fingerprint") != config.fingerprint():
+    expected, saved = config.fingerprint(model), record.get("fingerprint", {})
+    if {name: saved.get(name) for name in expected} != expected:
         log.info("%s was trained with other settings; training it again", path.name)
         return None
     return record
