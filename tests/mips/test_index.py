@@ -283,5 +283,5 @@ def test_threaded_scan_matches_single_thread(index, data):
     torch.set_num_threads(2)  # the autouse fixture restores the count
     threaded = index.search(queries, 10, branches=16)
     assert torch.get_num_threads() == 2  # the scan restores the caller's thread count
-    np.testing.assert_array_equal(single[0], threaded[0])
     np.testing.assert_array_equal(single[1], threaded[1])
+    np.testing.assert_allclose(single[0], threaded[0], rtol=1e-6)  # BLAS blocking may differ per thread count
