@@ -139,3 +139,12 @@ def test_saved_cells_are_reused_and_only_missing_or_stale_cells_train(tiny_run, 
     stn.run_cells(_tiny_config(iterations=4), out)  # another budget: every cell is stale
     assert trained == list(TINY_CELLS)
     assert not [p for p in (out / "cells").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_transformer_motion_is_zero_at_identity_and_measures_a_shift_in_pixels():
+    model = stn.new_model("ST-CNN Aff", "R", seed=0)
+    images = torch.rand(8, 1, 28, 28)
+    assert stn.transformer_motion(model, images) == pytest.approx({"displacement": 0.0, "spread": 0.0}, abs=1e-5)
+    with torch.no_grad():
+        model.transformer.regression.bias[2] += 0.5  # θ = [[1, 0, 0.5], [0, 1, 0]]: sample 0.5 · 14 = 7 px to the right
+    assert stn.transformer_motion(model, images) == pytest.approx({"displacement": 7.0, "spread": 0.0}, abs=1e-4)

@@ -508,6 +508,57 @@ def mean_pose_figure(models: Sequence[tuple[str, nn.Module]], data: dict[str, Di
     return save_figure(fig, out_dir, "stn_mean_pose.png")
 
 
+@torch.no_grad()
+def transformer_motion(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+    """Where the transformer samples, in input pixels, over ``images`` ``(N, 1, S, S)``.
+
+    From the sampling grids ``G_i = T_θ(x_i)`` ``(N, H, W, 2)`` (normalised source coordinates):
+
+    - ``displacement``: mean distance of a sampling point from where the identity samples, ``mean |G_i − G_id|``;
+    - ``spread``: how much the sampling point of an output pixel varies from digit to digit,
+      ``mean over pixels of ‖std_i G_i‖`` — 0 when every digit gets the same transform, several pixels when the
+      transformer undoes per-digit rotations or shifts.
+    """
+    transformer = model.transformer
+    size = tuple(images.shape[-2:])
+    grids = transformer.grid(transformer.regress(images), size)  # (N, H, W, 2)
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    rest = nn.functional.affine_grid(identity, (1, 1, *size), align_corners=transformer.align_corners)
+    to_pixels = images.shape[-1] / 2  # normalised units → input pixels
+    return {"displacement": to_pixels * float((grids - rest).norm(dim=-1).mean()),
+            "spread": to_pixels * float(grids.std(dim=0).norm(dim=-1).mean())}
+
+
+def motion_table(records: Sequence[dict[str, Any]], cells_dir: Path, data: dict[str, DistortedSet],
+                 n: int = 500) -> dict[str, dict[str, dict[str, float]]]:
+    """``{model: {distortion: transformer_motion}}`` on the first ``n`` test digits, for ST cells with weights."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for r in records:
+        weights = cells_dir / f"{cell_name(r['distortion'], r['model'])}.pt"
+        if r["model"].startswith("ST-") and weights.is_file():
+            motion = transformer_motion(load_cell_model(cells_dir, r), data[r["distortion"]].images[:n])
+            table.setdefault(r["model"], {})[r["distortion"]] = motion
+    return table
+
+
+def motion_markdown(table: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The section on what the transformers learned, its reading computed from the numbers."""
+    columns = [d for d in DISTORTIONS if any(d in row for row in table.values())]
+    rows = [[model] + [f"{row[d]['displacement']:.2f} / {row[d]['spread']:.2f}" if d in row else "–"
+                       for d in columns] for model, row in table.items()]
+    widest = max(m["spread"] for row in table.values() for m in row.values())
+    reading = (f"The largest spread is {widest:.2f} px: at this budget every transformer applies nearly the same "
+               "transform to every digit — the localisation networks have not yet learned to undo the per-digit "
+               "distortions, so the ST models are in effect their classifiers alone." if widest < 1.0 else
+               f"The largest spread is {widest:.2f} px: the transformers adapt the warp to each digit; the figures "
+               "below show what they do.")
+    return "\n\n".join(["## What the transformers learned",
+                         "Sampling grids of the transformers on the first 500 test digits, in input pixels: mean "
+                         "displacement from the identity / spread across digits (the mean standard deviation of "
+                         "an output pixel's sampling point; 0 = the same warp for every digit).",
+                         markdown_table(["model", *columns], rows), reading])
+
+
 def _figure_models(records: Sequence[dict[str, Any]], cells_dir: Path) -> list[tuple[str, nn.Module]]:
     """One trained transformer model per distortion (ST-CNN Aff first, else the first ST model with saved weights)."""
     chosen = []
@@ -558,6 +609,7 @@ def run(config: STNConfig, out_dir: Path) -> Report:
     errors = table1(records)
     atomic_write_text(out_dir / "table1.json", to_json({"budget": budget, "errors": errors}))
     checks = targets(records)
+    motions = motion_table(records, out_dir / "cells", tests)
     seconds = sum(r["train_seconds"] for r in records)
     timing_rows = [[r["distortion"], r["model"], f"{1000 * r['seconds_per_step']:.0f}", f"{r['train_seconds']:.0f}",
                     r["device"]] for r in records]
@@ -571,6 +623,7 @@ def run(config: STNConfig, out_dir: Path) -> Report:
         "## Table 1 — test error (%), ours (paper)\n\n" + side_by_side(records),
         "## Validation error (%) — held-out training digits\n\n" + validation_table(records),
         targets_markdown(checks),
+        *([motion_markdown(motions)] if motions else []),
         "## Parameters\n\n" + parameter_table(records),
         "## Training cost\n\n" + markdown_table(["distortion", "model", "ms / step", "train s", "device"],
                                                  timing_rows)
@@ -578,7 +631,7 @@ def run(config: STNConfig, out_dir: Path) -> Report:
         "## Figures\n\n" + "\n".join(f"![{f}]({f})" for f in figures),
     ]
     results = {"budget": budget, "table1": errors, "validation": table1(records, "validation_error"),
-               "targets": checks, "cells": records, "paper": PAPER_ERRORS}
+               "targets": checks, "transformer_motion": motions, "cells": records, "paper": PAPER_ERRORS}
     return Report(title="Spatial Transformer Networks — Table 1 on distorted MNIST", sections=sections,
                   results=results, figures=figures)
 
