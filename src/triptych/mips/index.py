@@ -379,18 +379,46 @@ class ClusterIndex:
         top_s, nodes = scores.topk(min(branches, scores.shape[1]), dim=1)
         nodes = torch.where(torch.isfinite(top_s), nodes, torch.full_like(nodes, -1))
         for depth in range(len(self._levels) - 1, -1, -1):
-            below = self._node_stats[depth]
-            children = _children_table(self._levels[depth].parent, self._levels[depth].centroids.shape[0])
-            cand = torch.where(nodes[:, :, None] >= 0, children[nodes.clamp(min=0)], -1).flatten(1)
-            valid = cand >= 0
-            safe = cand.clamp(min=0)
-            cosines = torch.einsum("nd,ncd->nc", q_unit, below.direction[safe])
-            s = _rank_scores(cosines, NodeStats(below.direction[safe], below.radius[safe], below.norm[safe],
-                                                below.populated[safe]), self.slack).masked_fill(~valid, -math.inf)
-            dots += float(valid.sum())
-            top_s, pos = s.topk(min(branches, s.shape[1]), dim=1)
-            nodes = torch.where(torch.isfinite(top_s), torch.gather(cand, 1, pos), torch.full_like(pos, -1))
+            nodes, spent = self._descend(q_unit, nodes, depth, branches)
+            dots += spent
         return nodes, dots
+
+    def _descend(self, q_unit: torch.Tensor, nodes: torch.Tensor, depth: int,
+                 branches: int) -> tuple[torch.Tensor, float]:
+        """From the chosen nodes of level ``depth`` to the best ``branches`` of their children.
+
+        As in :meth:`_scan`, (query, node) pairs are grouped by node, so each chosen node's children
+        ``(K_u, d)`` are scored against all the queries that chose it in one product, written into an
+        ``(n, C_depth)`` score matrix (``-inf`` for children of nodes not chosen) that one top-k reduces.
+
+        Args:
+            q_unit: ``(n, d)``; nodes: ``(n, b)`` int64 node ids of level ``depth``, ``-1`` for none.
+
+        Returns:
+            children chosen ``(n, b')`` (``-1`` padded) and the dot products spent.
+        """
+        n, b = nodes.shape
+        below = self._node_stats[depth]
+        parent = self._levels[depth].parent
+        order = torch.argsort(parent, stable=True)  # children of each node, contiguous
+        counts = torch.bincount(parent, minlength=self._levels[depth].centroids.shape[0])
+        first = torch.cumsum(counts, 0) - counts
+        scores = torch.full((n, parent.numel()), -math.inf, dtype=q_unit.dtype, device=q_unit.device)
+        pairs = torch.nonzero(nodes.flatten() >= 0).flatten()
+        pairs = pairs[torch.argsort(nodes.flatten()[pairs], stable=True)]
+        uniq, per_node = torch.unique_consecutive(nodes.flatten()[pairs], return_counts=True)
+        pair_query = pairs // b
+        p0 = 0
+        dots = 0.0
+        for start, count, size in zip(first[uniq].tolist(), per_node.tolist(), counts[uniq].tolist(), strict=True):
+            kids = order[start:start + size]
+            stats = NodeStats(below.direction[kids], below.radius[kids], below.norm[kids], below.populated[kids])
+            rows = pair_query[p0:p0 + count]
+            scores[rows[:, None], kids[None, :]] = _rank_scores(q_unit[rows] @ stats.direction.T, stats, self.slack)
+            dots += count * size
+            p0 += count
+        top_s, chosen = scores.topk(min(branches, scores.shape[1]), dim=1)
+        return torch.where(torch.isfinite(top_s), chosen, torch.full_like(chosen, -1)), dots
 
     def _scan(self, q: torch.Tensor, leaves: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Exact top-k of ``q·x`` over the members of the chosen leaves.
@@ -542,18 +570,6 @@ def _apportion(total: int, counts: np.ndarray, density: np.ndarray) -> np.ndarra
     for band in np.argsort(-(share - np.floor(share)), kind="stable")[: max(0, total - int(out.sum()))]:
         out[band] += 1
     return np.minimum(out, counts)
-
-
-def _children_table(parent: torch.Tensor, n_nodes: int) -> torch.Tensor:
-    """Children of every node as a ``-1``-padded table ``(n_nodes, max_children)`` int64."""
-    order = torch.argsort(parent, stable=True)
-    counts = torch.bincount(parent, minlength=n_nodes)
-    width = max(1, int(counts.max())) if counts.numel() else 1
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(parent.numel(), device=parent.device) - starts[parent[order]]
-    table = torch.full((n_nodes, width), -1, dtype=torch.int64, device=parent.device)
-    table[parent[order], rank] = order
-    return table
 
 
 @dataclass(frozen=True)
