@@ -627,7 +627,9 @@ def run(config: STNConfig, out_dir: Path) -> Report:
         "## Parameters\n\n" + parameter_table(records),
         "## Training cost\n\n" + markdown_table(["distortion", "model", "ms / step", "train s", "device"],
                                                  timing_rows)
-        + f"\n\nTotal training time {seconds / 60:.1f} min (cells reused on resume keep their original timing).",
+        + f"\n\nTotal training time {seconds / 60:.1f} min, summed over cells as each was trained (a resumed run "
+        "keeps the timing of the cells it reuses). Wall-clock times depend on what else the machine ran; the "
+        "controlled speed comparison is `bench/stn_speed.py` (`speed.md`).",
         "## Figures\n\n" + "\n".join(f"![{f}]({f})" for f in figures),
     ]
     results = {"budget": budget, "table1": errors, "validation": table1(records, "validation_error"),
