@@ -408,15 +408,19 @@ class ClusterIndex:
         pairs = pairs[torch.argsort(nodes.flatten()[pairs], stable=True)]
         uniq, per_node = torch.unique_consecutive(nodes.flatten()[pairs], return_counts=True)
         pair_query = pairs // b
-        p0 = 0
-        dots = 0.0
-        for start, count, size in zip(first[uniq].tolist(), per_node.tolist(), counts[uniq].tolist(), strict=True):
-            kids = order[start:start + size]
-            stats = NodeStats(below.direction[kids], below.radius[kids], below.norm[kids], below.populated[kids])
-            rows = pair_query[p0:p0 + count]
-            scores[rows[:, None], kids[None, :]] = _rank_scores(q_unit[rows] @ stats.direction.T, stats, self.slack)
-            dots += count * size
-            p0 += count
+        jobs = list(zip(first[uniq].tolist(), counts[uniq].tolist(), (torch.cumsum(per_node, 0) - per_node).tolist(),
+                        per_node.tolist(), strict=True))
+
+        def score(part: list[tuple[int, int, int, int]]) -> None:
+            for start, size, p0, count in part:
+                kids = order[start:start + size]
+                stats = NodeStats(below.direction[kids], below.radius[kids], below.norm[kids], below.populated[kids])
+                rows = pair_query[p0:p0 + count]
+                block = _rank_scores(q_unit[rows] @ stats.direction.T, stats, self.slack)  # (P_u, K_u)
+                scores[rows[:, None], kids[None, :]] = block
+
+        _run_split(score, jobs, q_unit.device)
+        dots = float((counts[uniq] * per_node).sum())
         top_s, chosen = scores.topk(min(branches, scores.shape[1]), dim=1)
         return torch.where(torch.isfinite(top_s), chosen, torch.full_like(chosen, -1)), dots
 
@@ -620,9 +624,9 @@ def _leaf_directions(x: torch.Tensor, labels: torch.Tensor, fallback: torch.Tens
 def _run_split(work: Callable[[list], None], jobs: list, device: torch.device) -> None:
     """Run ``work`` over ``jobs`` split in ``torch.get_num_threads()`` interleaved parts, one Python thread each.
 
-    The per-leaf products are small: torch's intra-op threads would meet at an OpenMP barrier after every one
+    The per-leaf (per-node) products are small: torch's intra-op threads would meet at an OpenMP barrier after every one
     of them (and stall whenever the machine is busy), so on CPU each part runs single-threaded and the parts run
-    in parallel (torch releases the GIL inside its kernels). The parts write disjoint rows of shared buffers.
+    in parallel (torch releases the GIL inside its kernels). The parts write disjoint entries of shared buffers.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads <= 1 or len(jobs) < 2 * threads:
