@@ -277,8 +277,10 @@ def test_cuda_index_matches_cpu(index, data, tmp_path):
     np.testing.assert_array_equal(moved.search(queries, 10, branches=6)[1], index.search(queries, 10, branches=6)[1])
 
 
-def test_threaded_scan_matches_single_thread(index, data):
-    _, queries = data
+@pytest.mark.parametrize("levels", [1, 2])
+def test_threaded_scan_matches_single_thread(data, levels):
+    items, queries = data
+    index = ClusterIndex(16, levels=levels, seed=0).train(items).add(items)
     single = index.search(queries, 10, branches=16)
     torch.set_num_threads(2)  # the autouse fixture restores the count
     threaded = index.search(queries, 10, branches=16)
