@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from triptych._validation import check_choice
-from triptych.experiments.report import Report, write_report
+from triptych.experiments.report import Report, environment, write_report
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,11 @@ def reproduce(paper: str, scale: str = "quick", out_root: str | Path = "reports"
     config = module.make_config(scale, seed)
     out_dir = Path(out_root) / paper
     out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment()  # the commit of the code that runs, not of the tree when it ends
     start = time.perf_counter()
     report: Report = module.run(config, out_dir)
     elapsed = time.perf_counter() - start
-    write_report(report, out_dir, config=config, command=command, elapsed_s=elapsed)
+    write_report(report, out_dir, config=config, command=command, elapsed_s=elapsed, env=env)
     log.info("%s report written to %s in %.0f s", paper, out_dir, elapsed)
     return out_dir
 

@@ -165,11 +165,15 @@ def provenance_markdown(command: str, config: Any, env: dict[str, Any]) -> str:
 
 
 def write_report(report: Report, out_dir: str | os.PathLike, *, config: Any, command: str | None = None,
-                 elapsed_s: float | None = None) -> Path:
-    """Write ``report.md`` and ``results.json`` (with full provenance) into ``out_dir``; return ``out_dir``."""
+                 elapsed_s: float | None = None, env: dict[str, Any] | None = None) -> Path:
+    """Write ``report.md`` and ``results.json`` (with full provenance) into ``out_dir``; return ``out_dir``.
+
+    ``env`` is the :func:`environment` taken when the run started (so the commit is the code that ran);
+    taken now when omitted.
+    """
     out_dir = Path(out_dir)
     command = command or command_line()
-    env = environment()
+    env = env or environment()
     payload = {"title": report.title, "command": command, "config": config, **env,
                "elapsed_s": elapsed_s, "figures": report.figures, "results": report.results}
     atomic_write_text(out_dir / "results.json", to_json(payload))
