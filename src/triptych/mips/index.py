@@ -602,16 +602,21 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 def _rank_scores(cosines: torch.Tensor, stats: NodeStats, slack: float) -> torch.Tensor:
     """``s_c = n_c · cos(max(0, θ_c − α r_c))`` from ``cos θ_c``; ``-inf`` for nodes without members.
 
+    Computed in place in ``cosines`` (consumed) with per-node constants folded in, as this runs over the whole
+    ``(n, C)`` query × leaf matrix: ``n_c cos(θ − w) = cos θ · (n_c cos w) + sin θ · (n_c sin w)`` for ``θ ≥ w``,
+    ``n_c`` inside the widened cone ``θ < w``.
+
     Args:
-        cosines: ``cos θ_c = q̂·u_c``, ``(n, C)``; ``stats`` broadcast against it (``(C,)`` or ``(n, C)``).
+        cosines: ``cos θ_c = q̂·u_c``, ``(n, C)``, overwritten; ``stats`` fields are ``(C,)``.
         slack: ``α``; 1 gives the upper bound of ``q·x/‖q‖`` over the node's members.
     """
     widened = (slack * stats.radius).clamp(max=math.pi)
-    cos_w, sin_w = torch.cos(widened), torch.sin(widened)
-    sines = (1.0 - cosines.square()).clamp(min=0.0).sqrt()
-    # cos(θ − w) = cos θ cos w + sin θ sin w while θ ≥ w; inside the widened cone the bound is 1
-    value = torch.where(cosines >= cos_w, torch.ones_like(cosines), cosines * cos_w + sines * sin_w)
-    return torch.where(stats.populated, stats.norm * value, torch.full_like(value, -math.inf))
+    cos_w = torch.cos(widened)
+    along, across = stats.norm * cos_w, stats.norm * torch.sin(widened)
+    inside = cosines >= cos_w
+    scores = cosines.square().neg_().add_(1.0).clamp_(min=0.0).sqrt_().mul_(across).addcmul_(cosines, along)
+    scores = torch.where(inside, stats.norm, scores)
+    return scores.masked_fill_(~stats.populated, -math.inf)
 
 
 def _leaf_directions(x: torch.Tensor, labels: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
