@@ -148,3 +148,17 @@ def test_transformer_motion_is_zero_at_identity_and_measures_a_shift_in_pixels()
     with torch.no_grad():
         model.transformer.regression.bias[2] += 0.5  # θ = [[1, 0, 0.5], [0, 1, 0]]: sample 0.5 · 14 = 7 px to the right
     assert stn.transformer_motion(model, images) == pytest.approx({"displacement": 7.0, "spread": 0.0}, abs=1e-4)
+
+
+@needs_mnist
+def test_report_of_a_run_cut_short_trains_nothing_and_names_the_missing_cells(tiny_run, monkeypatch, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run[0], out)
+    (out / "cells" / f"{stn.cell_name(*TINY_CELLS[1])}.json").unlink()
+    monkeypatch.setattr(stn, "train_cell", lambda *a, **k: pytest.fail("train=False must not train"))
+    report = stn.run(_tiny_config(), out, train=False)
+    text = "\n".join(report.sections)
+    assert "1 of the 2 cells" in text and "**Not trained**" in text and "R ST-FCN Aff." in text
+    assert set(json.loads((out / "table1.json").read_text())["errors"]) == {"FCN"}
+    with pytest.raises(ValueError, match="no cell of this configuration"):
+        stn.run(_tiny_config(iterations=5), out, train=False)

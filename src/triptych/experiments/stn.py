@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -303,8 +304,11 @@ def _by_distortion(cells: Sequence[tuple[str, str]]) -> Iterator[tuple[str, list
     yield from order.items()
 
 
-def run_cells(config: STNConfig, out_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Splits]]:
+def run_cells(config: STNConfig, out_dir: Path, *, train: bool = True
+              ) -> tuple[list[dict[str, Any]], dict[str, Splits]]:
     """Train every cell of ``config`` not already saved in ``out_dir/cells`` and return all records.
+
+    With ``train=False`` nothing is trained: only the saved cells are returned (a report of a run cut short).
 
     Returns:
         ``(records, splits)``: one record per cell in config order, and the data of each distortion.
@@ -319,6 +323,9 @@ def run_cells(config: STNConfig, out_dir: Path) -> tuple[list[dict[str, Any]], d
             record = load_cell(cells_dir, distortion, model_name, config)
             if record is not None:
                 log.info("%s %s: reusing the saved cell", distortion, model_name)
+            elif not train:
+                log.warning("%s %s: not trained yet; left out of the report", distortion, model_name)
+                continue
             else:
                 try:
                     record, model = train_cell(distortion, model_name, splits[distortion], config, device)
@@ -571,6 +578,17 @@ def _figure_models(records: Sequence[dict[str, Any]], cells_dir: Path) -> list[t
     return chosen
 
 
+def missing_note(config: STNConfig, records: Sequence[dict[str, Any]]) -> str:
+    """A paragraph naming the cells of ``config`` that have no result, or nothing when all are there."""
+    done = {(r["distortion"], r["model"]) for r in records}
+    missing = [f"{d} {m}" for d, m in config.cells if (d, m) not in done]
+    if not missing:
+        return ""
+    flag = {"quick": "--quick", "full": "--full", "paper": "--paper-budget"}[config.scale]
+    return (f"\n\n**Not trained** (the run was cut short; `triptych reproduce stn {flag}` resumes and trains "
+            "them): " + ", ".join(missing) + ".")
+
+
 def recipe_note(config: STNConfig) -> str:
     """How the training recipe relates to the paper's, for the report."""
     if config.iterations >= PAPER_ITERATIONS:
@@ -594,11 +612,16 @@ def targets_markdown(checks: Sequence[dict[str, Any]]) -> str:
                         markdown_table(["target", "status", "numbers"], rows)])
 
 
-def run(config: STNConfig, out_dir: Path) -> Report:
-    """Train every cell of ``config`` (resuming from ``out_dir/cells``), then write figures and ``table1.json``."""
+def run(config: STNConfig, out_dir: Path, *, train: bool = True) -> Report:
+    """Train every cell of ``config`` (resuming from ``out_dir/cells``), then write figures and ``table1.json``.
+
+    With ``train=False`` the report covers the saved cells only and trains nothing (see :func:`main`).
+    """
     out_dir = Path(out_dir)
     device = str(resolve_device(config.device))
-    records, splits = run_cells(config, out_dir)
+    records, splits = run_cells(config, out_dir, train=train)
+    if not records:
+        raise ValueError(f"no cell of this configuration is saved in {out_dir / 'cells'}; nothing to report")
     tests = {d: s.test for d, s in splits.items()}
     figure_models = _figure_models(records, out_dir / "cells")
     figures = [samples_figure(out_dir, config.seed), curves_figure(records, out_dir)]
@@ -619,7 +642,7 @@ def run(config: STNConfig, out_dir: Path) -> Report:
         f"per cell, test error in %. Budget: {budget}. Training distortions are drawn fresh for every batch from "
         f"the MNIST training split minus {config.validation_size} held-out validation digits; test sets are the "
         f"first {config.test_size or 10_000} MNIST test digits distorted once with a fixed seed. Nothing was chosen "
-        "on the test set.\n\n" + recipe_note(config),
+        "on the test set.\n\n" + recipe_note(config) + missing_note(config, records),
         "## Table 1 — test error (%), ours (paper)\n\n" + side_by_side(records),
         "## Validation error (%) — held-out training digits\n\n" + validation_table(records),
         targets_markdown(checks),
@@ -640,3 +663,33 @@ def run(config: STNConfig, out_dir: Path) -> Report:
 
 __all__ = ["PAPER_ERRORS", "STNConfig", "make_config", "run", "run_cells", "table1", "table_cells", "targets",
            "train_cell"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m triptych.experiments.stn --full --out results``: the report of the cells saved so far.
+
+    For a run cut short (the machine's time ran out): writes ``report.md``, ``results.json``, ``table1.json`` and
+    the figures from ``OUT/stn/cells`` without training the missing cells; ``triptych reproduce stn`` trains them.
+    """
+    import argparse
+
+    from triptych.experiments.report import write_report
+
+    parser = argparse.ArgumentParser(prog="python -m triptych.experiments.stn", description=main.__doc__)
+    parser.add_argument("--scale", choices=("quick", "full", "paper"), default="full")
+    parser.add_argument("--full", dest="scale", action="store_const", const="full")
+    parser.add_argument("--out", default="reports", help="output root; the cells are read from OUT/stn/cells")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    config = make_config(args.scale, args.seed)
+    out_dir = Path(args.out) / "stn"
+    start = time.perf_counter()
+    report = run(config, out_dir, train=False)
+    command = " ".join(["python -m triptych.experiments.stn", *(sys.argv[1:] if argv is None else argv)])
+    write_report(report, out_dir, config=config, command=command, elapsed_s=time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
