@@ -138,7 +138,7 @@ def test_eta_spread_measures_the_ratio_of_the_extreme_curves():
                           record_steps=[0, 10, 20, 30], loss_trace=torch.zeros(2, 4), initial_loss=1.0, n_steps=40)
     spread = llr.eta_spread(grid, 0.1)
     assert spread["spread"] == pytest.approx([1000.0, 50.0, 1.5, 1.2])
-    assert spread["first_within_2"] == 20
+    assert spread["first_within_2"] == 20 and spread["spread_at_end"] == pytest.approx(1.2)
     assert spread["spread_at_10pct"] == pytest.approx(50.0)  # the first record at t ≥ 0.1·T = 4 is t = 10
     assert spread["n_curves"] == 2
 

@@ -597,13 +597,14 @@ def eta_spread(grid: GridResult, hyper_lr: float, lr_range: Sequence[float] | No
             if lr_range is None or _in_range(r.hparams["lr0"], lr_range)]
     curves = torch.tensor([r.lr_trace for r in runs if r.diverged_at is None], dtype=torch.float64)
     if curves.numel() == 0:
-        return {"spread": [], "spread_at_10pct": math.inf, "first_within_2": None, "n_curves": 0}
+        return {"spread": [], "spread_at_10pct": math.inf, "spread_at_end": math.inf, "first_within_2": None,
+                "n_curves": 0}
     spread = curves.max(dim=0).values / curves.min(dim=0).values
     steps = grid.record_steps
     at_10 = next((i for i, step in enumerate(steps) if step >= 0.1 * grid.n_steps), len(steps) - 1)
     above = (spread > 2).nonzero().flatten().tolist()
     first = 0 if not above else (above[-1] + 1 if above[-1] + 1 < len(steps) else None)
-    return {"spread": spread.tolist(), "spread_at_10pct": float(spread[at_10]),
+    return {"spread": spread.tolist(), "spread_at_10pct": float(spread[at_10]), "spread_at_end": float(spread[-1]),
             "first_within_2": None if first is None else steps[first], "n_curves": len(curves)}
 
 
@@ -699,8 +700,10 @@ def check_targets(summaries: dict[str, dict[str, Any]], config: LLRConfig) -> li
                        "experiment": name, "met": spread["spread_at_10pct"] <= 2.0,
                        "measured": f"max/min η at 10 % = {spread['spread_at_10pct']:.3g} over "
                                    f"{spread['n_curves']} curves (η_0 in [{config.target_lr_range[0]:g}, "
-                                   f"{config.target_lr_range[1]:g}]: {in_range['spread_at_10pct']:.3g}); stays ≤ 2 "
-                                   f"from step {first if first is not None else 'never'} of {summary['n_steps']}"})
+                                   f"{config.target_lr_range[1]:g}]: {in_range['spread_at_10pct']:.3g}); "
+                                   f"{spread['spread_at_end']:.3g} at the end; "
+                                   + (f"≤ 2 for good from step {first} of {summary['n_steps']}" if first is not None
+                                      else "above 2 again later")})
     return checks
 
 
