@@ -458,9 +458,9 @@ class ClusterIndex:
                 kk = min(k, hi - lo)
                 block = pair_q[p0:p0 + count] @ self._items[lo:hi].T  # (P_c, S_c)
                 torch.topk(block, kk, dim=1, out=(top_s[p0:p0 + count, :kk], top_i[p0:p0 + count, :kk]))
-                top_i[p0:p0 + count, :kk] += lo
 
         _run_split(scan, jobs, dev)
+        top_i += self._offsets[pair_leaf].unsqueeze(1)  # member rank → storage row (padding stays -inf)
         merged_s = torch.full((n * b, k), -math.inf, dtype=q.dtype, device=dev)
         merged_i = torch.zeros((n * b, k), dtype=torch.int64, device=dev)
         merged_s[pairs], merged_i[pairs] = top_s, top_i
