@@ -169,6 +169,16 @@ def test_exact_step_leaves_detached_gradients():
     assert theta.grad is not None and not theta.grad.requires_grad
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_exact_variant_with_param_groups_sharing_one_graph():
+    layer = torch.nn.Linear(3, 1)
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    opt = LLR([{"params": [layer.weight]}, {"params": [layer.bias], "lr": 1e-2}], lr=1e-3, variant="exact")
+    for _ in range(3):  # the second step is the first with h != 0 in both groups, hence two products
+        opt.step(_closure(opt, lambda: (layer(x) - y).pow(2).mean(), "exact"))
+    assert [group["lr"] for group in opt.param_groups] != [1e-3, 1e-2]
+
+
 def test_finite_difference_leaves_gradient_at_current_point_and_calls_closure_twice():
     theta = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=DTYPE))
     opt = LLR([theta], lr=0.1, variant="finite_difference")

@@ -226,16 +226,20 @@ class LLR(Optimizer):
         if not any(g.requires_grad for gathered in groups for g in gathered["raw_grads"]):
             raise ValueError("LLR(variant='exact') needs the graph of the gradient: the closure must call "
                              "loss.backward(create_graph=True)")
+        group_pairs = [[(g, p, h) for g, p, h in zip(gathered["raw_grads"], gathered["params"], gathered["sens"],
+                                                     strict=True) if h is not None and g.requires_grad]
+                       for gathered in groups]
+        last = max((i for i, pairs in enumerate(group_pairs) if pairs), default=-1)
         out = []
-        for gathered in groups:
-            pairs = [(g, p, h) for g, p, h in zip(gathered["raw_grads"], gathered["params"], gathered["sens"],
-                                                  strict=True) if h is not None and g.requires_grad]
+        for i, (gathered, pairs) in enumerate(zip(groups, group_pairs, strict=True)):
             if not pairs:
                 out.append(None)
                 continue
+            # Groups may share one graph (weights and biases of one layer): keep it until the last product.
             with torch.enable_grad():
                 hvps = torch.autograd.grad([g for g, _, _ in pairs], [p for _, p, _ in pairs],
-                                           grad_outputs=[h for _, _, h in pairs], allow_unused=True)
+                                           grad_outputs=[h for _, _, h in pairs], allow_unused=True,
+                                           retain_graph=i < last)
             by_param = {id(p): v for (_, p, _), v in zip(pairs, hvps, strict=True)}
             out.append([by_param.get(id(p)) if by_param.get(id(p)) is not None else torch.zeros_like(p)
                         for p in gathered["params"]])
