@@ -553,12 +553,13 @@ def motion_markdown(table: dict[str, dict[str, dict[str, float]]]) -> str:
     columns = [d for d in DISTORTIONS if any(d in row for row in table.values())]
     rows = [[model] + [f"{row[d]['displacement']:.2f} / {row[d]['spread']:.2f}" if d in row else "–"
                        for d in columns] for model, row in table.items()]
-    widest = max(m["spread"] for row in table.values() for m in row.values())
-    reading = (f"The largest spread is {widest:.2f} px: at this budget every transformer applies nearly the same "
-               "transform to every digit — the localisation networks have not yet learned to undo the per-digit "
-               "distortions, so the ST models are in effect their classifiers alone." if widest < 1.0 else
-               f"The largest spread is {widest:.2f} px: the transformers adapt the warp to each digit; the figures "
-               "below show what they do.")
+    adaptive = [f"{d} {model}" for model, row in table.items() for d, m in row.items() if m["spread"] >= 1.0]
+    fixed = [f"{d} {model}" for model, row in table.items() for d, m in row.items() if m["spread"] < 1.0]
+    reading = " ".join([
+        f"Adapting the warp to each digit (spread ≥ 1 px): {', '.join(adaptive)}." if adaptive else "",
+        f"Nearly one fixed warp for every digit (spread < 1 px; the localisation net has not learned to undo "
+        f"the per-digit distortion at this budget): {', '.join(fixed)}." if fixed else "",
+    ]).strip()
     return "\n\n".join(["## What the transformers learned",
                          "Sampling grids of the transformers on the first 500 test digits, in input pixels: mean "
                          "displacement from the identity / spread across digits (the mean standard deviation of "
