@@ -8,15 +8,6 @@ import torch
 from triptych.mips.kmeans import SphericalKMeans, assign, build_hierarchy, level_sizes, suggested_clusters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny problems: one thread avoids OpenMP barriers stalling on the shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def blobs() -> torch.Tensor:
     """Three tight directions on the sphere plus noise: ``(600, 8)``."""

@@ -1,13 +1,8 @@
-"""The spatial tests work on tiny tensors: one intra-op thread avoids thread-pool hand-offs that cost more than the
-work itself (and stall badly on a loaded machine)."""
+"""The spatial tests work on tiny tensors: one intra-op thread (see ``one_thread`` in tests/conftest.py)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
