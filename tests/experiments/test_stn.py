@@ -39,9 +39,13 @@ def test_configs_cover_the_table_and_refuse_unknown_scales():
     assert {m for _, m in full.cells} == set(stn.TABLE_MODELS)
     assert [m for d, m in full.cells if d == "TC"] == ["CNN", "ST-CNN Aff"]
     assert paper.iterations == 150_000 and paper.batch_size == 256 and paper.cells == full.cells
-    assert (paper.lr, paper.momentum) == (0.01, 0.0)  # the paper's own recipe
-    assert dataclasses.asdict(full) == {**dataclasses.asdict(quick), "scale": "full", "cells": full.cells}
-    assert quick.cells == tuple(c for c in full.cells if c in quick.cells)  # quick repeats full's RTS cells
+    assert (paper.lr, paper.momentum, paper.schedule, paper.workers) == (0.01, 0.0, "step", 1)  # the paper's recipe
+    assert full.iterations > quick.iterations and full.schedule == quick.schedule == "cosine"
+    same_recipe = {"scale", "cells", "iterations", "eval_every", "workers"}
+    assert {k: v for k, v in dataclasses.asdict(full).items() if k not in same_recipe} == {
+        k: v for k, v in dataclasses.asdict(quick).items() if k not in same_recipe}
+    assert quick.cells == tuple(c for c in full.cells if c in quick.cells)  # quick's cells are full's RTS cells
+    assert quick.workers == min(torch.get_num_threads(), 2)
     with pytest.raises(ValueError, match="scale must be one of"):
         stn.make_config("huge")
 
@@ -62,6 +66,32 @@ def test_optimizer_gives_the_localisation_net_its_own_rate_and_drops_by_ten():
     assert rates[0] == pytest.approx((0.1, 0.025))
     assert rates[3] == pytest.approx((0.01, 0.0025)) and rates[2] == pytest.approx((0.1, 0.025))
     assert rates[6] == pytest.approx((0.001, 0.00025)) and rates[5] == pytest.approx((0.01, 0.0025))
+
+
+def test_cosine_schedule_decays_both_groups_to_zero_over_the_budget():
+    model = stn.new_model("ST-FCN Aff", "R", seed=0)
+    optimizer, scheduler = stn.make_optimizer(model, _tiny_config(iterations=8, lr=0.1, loc_lr_factor=0.5,
+                                                                  schedule="cosine"))
+    rates = []
+    for _ in range(9):
+        rates.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx([0.1, 0.05])
+    assert rates[4] == pytest.approx([0.05, 0.025])  # half way: half the rate
+    assert rates[2] == pytest.approx([0.1 * (1 + 2 ** -0.5) / 2, 0.05 * (1 + 2 ** -0.5) / 2])
+    assert rates[8] == pytest.approx([0.0, 0.0], abs=1e-12)
+
+
+def test_config_refuses_unknown_schedules_and_fingerprints_only_what_a_cell_depends_on():
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        _tiny_config(schedule="linear")
+    with pytest.raises(ValueError, match="workers"):
+        _tiny_config(workers=0)
+    cosine = _tiny_config(schedule="cosine")
+    assert "lr_drops" not in cosine.fingerprint("ST-FCN Aff") and "lr_drops" in _tiny_config().fingerprint("FCN")
+    assert "loc_lr_factor" not in cosine.fingerprint("FCN") and cosine.fingerprint("FCN")["schedule"] == "cosine"
+    assert "workers" not in cosine.fingerprint("ST-FCN Aff")  # where a cell trained does not change it
 
 
 def test_targets_are_computed_from_the_numbers():
@@ -162,3 +192,16 @@ def test_report_of_a_run_cut_short_trains_nothing_and_names_the_missing_cells(ti
     assert set(json.loads((out / "table1.json").read_text())["errors"]) == {"FCN"}
     with pytest.raises(ValueError, match="no cell of this configuration"):
         stn.run(_tiny_config(iterations=5), out, train=False)
+
+
+@needs_mnist
+def test_cells_trained_side_by_side_equal_cells_trained_one_after_another(tiny_run, one_thread, tmp_path):
+    side_by_side, _ = stn.run_cells(_tiny_config(workers=2), tmp_path)
+    sequential = [json.loads((tiny_run[0] / "cells" / f"{stn.cell_name(*cell)}.json").read_text())
+                  for cell in TINY_CELLS]
+    assert [(r["distortion"], r["model"]) for r in side_by_side] == list(TINY_CELLS)
+    for parallel, alone in zip(side_by_side, sequential, strict=True):
+        assert parallel["curve"]["train_loss"] == pytest.approx(alone["curve"]["train_loss"], rel=1e-5)
+        assert parallel["test_error"] == alone["test_error"]
+    assert {p.name for p in (tmp_path / "cells").iterdir()} == {
+        f"{stn.cell_name(*cell)}{ext}" for cell in TINY_CELLS for ext in (".json", ".pt")}

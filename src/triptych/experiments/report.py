@@ -60,6 +60,11 @@ def set_quiet(quiet: bool) -> None:
     _QUIET = quiet
 
 
+def is_quiet() -> bool:
+    """Whether progress bars are off in this process (to hand on to worker processes)."""
+    return _QUIET
+
+
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, **kwargs: Any) -> Iterable[T]:
     """Wrap a long loop in a progress bar (on stderr), unless ``--quiet`` was given."""
     return tqdm(iterable, desc=desc, total=total, disable=_QUIET, dynamic_ncols=True, leave=False, **kwargs)
