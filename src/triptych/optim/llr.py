@@ -67,8 +67,20 @@ g_t and the curvature (+wd·h_t), and ``hyper_lr=0`` reproduces those optimizers
 Non-finite gradients (or curvature products): the whole step is skipped — parameters, η and state untouched —
 a ``RuntimeWarning`` is issued and every group's ``"skipped_steps"`` counter is incremented.
 
-Distributed data parallel: η_t is a deterministic function of the (all-reduced, hence identical) gradients and
-of state that every rank updates identically, so all ranks compute the same η_t without extra communication.
+Distributed data parallel: η_t is a deterministic function of the gradients, the curvature products and state
+that every rank updates identically, so once those are averaged over the ranks every rank computes the same η_t
+and the same step; the scalars of the λ update need no communication of their own. What each variant needs:
+
+* ``"hessian_free"`` under ``DistributedDataParallel``: nothing beyond DDP's own gradient all-reduce.
+* ``"finite_difference"`` under DDP: the probe's backward pass is a second DDP backward, so DDP all-reduces the
+  probe gradient too — two gradient all-reduces per step, no change to the training code.
+* ``"exact"``: DDP cannot backpropagate with ``create_graph=True`` (it raises), so run the closure's forward and
+  backward inside ``ddp_model.no_sync()`` and pass ``process_group`` (e.g. ``torch.distributed.group.WORLD``):
+  LLR then averages the local gradients and Hessian-vector products in one all-reduce of twice the parameter
+  size (the average of local H h is the global H h, since the loss is a mean over the ranks' equal batches).
+
+``process_group`` works the same way for the other variants when no DDP wrapper does the averaging (one
+all-reduce per gradient evaluation). Every rank must produce gradients for the same parameters.
 """
 
 from __future__ import annotations
@@ -141,6 +153,10 @@ class LLR(Optimizer):
         eps: ε of AdaGrad/Adam's denominator.
         weight_decay: L2 penalty coefficient (coupled, as in ``torch.optim.Adam``).
         fd_eps: relative size of the finite-difference probe, ‖εh‖ = fd_eps · (1 + ‖θ‖).
+        process_group: ``None`` (gradients are used as they are: single process, or already averaged by DDP), or a
+            ``torch.distributed`` process group over which LLR averages the gradients (and the curvature products)
+            itself, as data parallelism without DDP's hooks needs — required for ``variant="exact"`` under DDP,
+            see the module docstring.
 
     Raises:
         ValueError / TypeError: an invalid hyperparameter, named with its value.
@@ -156,11 +172,15 @@ class LLR(Optimizer):
                  variant: str = "hessian_free", base: str = "sgd", normalize: bool = True,
                  forget: float = DEFAULT_FORGET, min_lr: float = 1e-10, max_lr: float = 1e3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 fd_eps: float = DEFAULT_FD_EPS) -> None:
+                 fd_eps: float = DEFAULT_FD_EPS, process_group: Any = None) -> None:
         defaults = {"lr": lr, "hyper_lr": hyper_lr, "variant": variant, "base": base, "normalize": normalize,
                     "forget": forget, "min_lr": min_lr, "max_lr": max_lr, "betas": betas, "eps": eps,
                     "weight_decay": weight_decay, "fd_eps": fd_eps}
         _checked_group_options(defaults)
+        if process_group is not None and not torch.distributed.is_initialized():
+            raise ValueError("process_group was given but torch.distributed is not initialised; call "
+                             "torch.distributed.init_process_group first, or pass process_group=None")
+        self.process_group = process_group
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -188,9 +208,16 @@ class LLR(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if variant != "exact":
+            self._average_over_ranks(self._grads())
         groups = [self._gather(group) for group in self.param_groups]
-        if variant == "exact":
-            _detach_graph_grads_into(groups, self._exact_curvature(groups))
+        if variant == "exact":  # the local graph gives the local H h; average it with g in one all-reduce
+            curvatures = self._exact_curvature(groups)
+            _detach_graph_grads(groups)
+            if self._average_over_ranks(self._grads() + [c for curv in curvatures if curv for c in curv]):
+                groups = [self._gather(group) for group in self.param_groups]  # g + wd·θ from the averaged g
+            for gathered, curv in zip(groups, curvatures, strict=True):
+                gathered["curv"] = curv
         stats = self._statistics(groups)
         if not _all_finite(stats):
             return self._skip(loss)
@@ -206,6 +233,17 @@ class LLR(Optimizer):
             self._init_state(group, gathered)
             _base_update(group, gathered, self.state)
         return loss
+
+    def _grads(self) -> list[torch.Tensor]:
+        """Every ``.grad`` of every group, in group and parameter order."""
+        return [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+
+    def _average_over_ranks(self, tensors: list[torch.Tensor]) -> bool:
+        """Average ``tensors`` in place over ``process_group``'s ranks; ``False`` (and nothing done) without one."""
+        if self.process_group is None:
+            return False
+        average_over_ranks(tensors, self.process_group)
+        return True
 
     def _gather(self, group: dict[str, Any]) -> dict[str, Any]:
         """Lists of one group's params with a gradient, their effective gradients g + wd·θ and sensitivities."""
@@ -285,6 +323,7 @@ class LLR(Optimizer):
             with torch.enable_grad():
                 closure()
             probe_grads = {p: p.grad for p, _, _ in moved}
+            self._average_over_ranks([g for g in probe_grads.values() if g is not None])
         finally:
             torch._foreach_copy_([p for p, _, _ in moved], saved_params)
             for p, grad in saved_grads.items():
@@ -334,13 +373,31 @@ def _all_finite(stats: list[list[float]]) -> bool:
     return all(math.isfinite(x) for row in stats for x in row)
 
 
-def _detach_graph_grads_into(groups: list[dict[str, Any]], curvatures: list[list[torch.Tensor] | None]) -> None:
-    """Store the curvature products and drop the gradients' graph (``.grad`` would otherwise keep it alive)."""
-    for gathered, curv in zip(groups, curvatures, strict=True):
-        gathered["curv"] = curv
+def _detach_graph_grads(groups: list[dict[str, Any]]) -> None:
+    """Drop the gradients' graph (``.grad`` would otherwise keep it alive); the gathered lists follow."""
+    for gathered in groups:
         for p in gathered["params"]:
             p.grad = p.grad.detach()
         gathered["raw_grads"] = [p.grad for p in gathered["params"]]
+
+
+def average_over_ranks(tensors: list[torch.Tensor], process_group: Any) -> None:
+    """Replace every tensor by its mean over the ranks of ``process_group``: one all-reduce per dtype and device.
+
+    Args:
+        tensors: tensors of any shapes; every rank passes the same shapes in the same order.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all ranks).
+    """
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.dtype, t.device), []).append(t)
+    world = torch.distributed.get_world_size(process_group)
+    for same in by_kind.values():
+        flat = torch.cat([t.reshape(-1) for t in same])
+        torch.distributed.all_reduce(flat, group=process_group)
+        flat.div_(world)
+        torch._foreach_copy_(same, [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in same]),
+                                                                           same, strict=True)])
 
 
 def _add_weight_decay_curvature(group: dict[str, Any], gathered: dict[str, Any]) -> None:
