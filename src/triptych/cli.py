@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -14,11 +15,14 @@ def _reproduce(args: argparse.Namespace) -> int:
     from triptych.experiments import PAPERS, reproduce
     from triptych.experiments.report import command_line, set_quiet
 
-    set_quiet(args.quiet)
+    papers = list(PAPERS) if args.paper == "all" else [args.paper]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and papers != ["stn"]:
+        raise ValueError(f"only 'triptych reproduce stn' trains data-parallel under torchrun, got {args.paper!r}; "
+                         "run the others as one process")
+    set_quiet(args.quiet or int(os.environ.get("RANK", "0")) != 0)  # one progress bar per launch
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     scale = "paper" if args.paper_budget else ("full" if args.full else "quick")
-    papers = list(PAPERS) if args.paper == "all" else [args.paper]
     for paper in papers:
         out_dir = reproduce(paper, scale, args.out, args.seed, command=command_line())
         print(f"{paper}: report written to {out_dir / 'report.md'}", file=sys.stderr)

@@ -1,7 +1,10 @@
 import dataclasses
 import json
 import os
+import runpy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -205,3 +208,31 @@ def test_cells_trained_side_by_side_equal_cells_trained_one_after_another(tiny_r
         assert parallel["test_error"] == alone["test_error"]
     assert {p.name for p in (tmp_path / "cells").iterdir()} == {
         f"{stn.cell_name(*cell)}{ext}" for cell in TINY_CELLS for ext in (".json", ".pt")}
+
+
+@needs_mnist
+def test_training_under_torchrun_writes_the_files_of_one_process(tmp_path):
+    worker = Path(__file__).with_name("ddp_stn_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not env.get("TRIPTYCH_MNIST_DIR"):
+        env["TRIPTYCH_MNIST_DIR"] = str(SHARED.resolve())
+    env.pop("WORLD_SIZE", None)
+    runs = {"alone": [sys.executable, str(worker)],
+            "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                         str(worker)]}
+    for name, command in runs.items():
+        done = subprocess.run([*command, str(tmp_path / name)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "torchrun" / "rank0.txt").read_text() == "report"
+    assert (tmp_path / "torchrun" / "rank1.txt").read_text() == "none"  # one writer
+    files = sorted(p.name for p in (tmp_path / "alone").iterdir())
+    assert sorted(p.name for p in (tmp_path / "torchrun").iterdir() if p.name != "rank1.txt") == files
+    for distortion, model in runpy.run_path(str(worker))["CELLS"]:
+        name = stn.cell_name(distortion, model)
+        alone, together = (json.loads((tmp_path / run / "cells" / f"{name}.json").read_text()) for run in runs)
+        assert together["device"] == "cpu × 2 processes (torchrun)"
+        assert together["curve"]["train_loss"] == pytest.approx(alone["curve"]["train_loss"], rel=1e-5)
+        assert together["test_error"] == pytest.approx(alone["test_error"], abs=0.51)  # ≤ 1 of 200 digits flips
+        weights = [torch.load(tmp_path / run / "cells" / f"{name}.pt", weights_only=True) for run in runs]
+        for key, tensor in weights[0].items():
+            torch.testing.assert_close(weights[1][key], tensor, rtol=1e-4, atol=1e-6)

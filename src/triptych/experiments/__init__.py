@@ -1,7 +1,8 @@
 """Reproductions of the papers' experiments: one module per paper, each turning a config into a report.
 
 Each paper module defines ``make_config(scale, seed)`` (``scale`` is ``"quick"``, ``"full"`` or, where the
-paper supports it, ``"paper"``) and ``run(config, out_dir) -> Report``. :func:`reproduce` runs one and writes
+paper supports it, ``"paper"``) and ``run(config, out_dir) -> Report`` (``None`` on the ranks that do not write,
+when a paper trains under ``torchrun``). :func:`reproduce` runs one and writes
 its report with full provenance. The library parts never import this package.
 """
 
@@ -41,8 +42,10 @@ def reproduce(paper: str, scale: str = "quick", out_root: str | Path = "reports"
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()  # the commit of the code that runs, not of the tree when it ends
     start = time.perf_counter()
-    report: Report = module.run(config, out_dir)
+    report: Report | None = module.run(config, out_dir)
     elapsed = time.perf_counter() - start
+    if report is None:  # a rank other than 0 of a torchrun launch: rank 0 writes the report
+        return out_dir
     write_report(report, out_dir, config=config, command=command, elapsed_s=elapsed, env=env)
     log.info("%s report written to %s in %.0f s", paper, out_dir, elapsed)
     return out_dir

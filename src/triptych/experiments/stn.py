@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -241,18 +242,51 @@ def _cell_seed(config: STNConfig, distortion: str, model: str) -> int:
     return config.seed * 10_000 + index
 
 
+def data_parallel() -> tuple[int, int]:
+    """``(rank, world_size)`` of this process: ``(0, 1)`` unless launched by ``torchrun`` with several processes.
+
+    Under ``torchrun`` the default process group is initialised on first use (``nccl`` when CUDA is available,
+    else ``gloo``); every rank then trains every cell on its share of each batch, and rank 0 writes the files.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _rank_device(device: torch.device, world: int) -> torch.device:
+    """Under ``torchrun`` each rank uses the GPU of its ``LOCAL_RANK``; otherwise ``device`` itself."""
+    if world == 1 or device.type != "cuda":
+        return device
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
 def train_cell(distortion: str, model_name: str, splits: Splits, config: STNConfig,
                device: torch.device) -> tuple[dict[str, Any], nn.Module]:
     """Train one cell of the table and measure it.
 
+    Under ``torchrun`` (:func:`data_parallel`) every rank runs this on the same global batches, trains on its
+    contiguous ``batch_size / world_size`` share through ``DistributedDataParallel``, and only rank 0 measures
+    (the other ranks return a record without errors).
+
     Returns:
         ``(record, model)``: the JSON-able record (errors in %, curves, timing, parameter count) and the model.
     """
+    rank, world = data_parallel()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size must be a multiple of the {world} torchrun processes, got {config.batch_size}")
+    device = _rank_device(device, world)
     seed = _cell_seed(config, distortion, model_name)
     model = new_model(model_name, distortion, seed).to(device)
+    net = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer, scheduler = make_optimizer(model, config)
     batches = training_batches(splits.train_digits, splits.train_labels, distortion, config.batch_size,
                                torch.Generator().manual_seed(seed))
+    share = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
     loss_fn = nn.CrossEntropyLoss()
     curve: dict[str, list[float]] = {"iteration": [], "train_loss": [], "validation_error": []}
     running, count = 0.0, 0
@@ -261,16 +295,20 @@ def train_cell(distortion: str, model_name: str, splits: Splits, config: STNConf
                      position=_WORKER_SLOT)
     for step in steps:
         images, labels = next(batches)
-        loss = loss_fn(model(images.to(device)), labels.to(device))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{distortion} {model_name}: the training loss became {loss.item()} at step "
-                                     f"{step}; lower the learning rate")
+        loss = loss_fn(net(images[share].to(device)), labels[share].to(device))
+        batch_loss = loss.detach().clone()
+        if world > 1:  # the mean over the global batch, so that every rank sees a divergence at the same step
+            torch.distributed.all_reduce(batch_loss)
+            batch_loss /= world
+        if not torch.isfinite(batch_loss):
+            raise FloatingPointError(f"{distortion} {model_name}: the training loss became {batch_loss.item()} at "
+                                     f"step {step}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        running, count = running + loss.item(), count + 1
-        if step % config.eval_every == 0 or step == config.iterations:
+        running, count = running + batch_loss.item(), count + 1
+        if rank == 0 and (step % config.eval_every == 0 or step == config.iterations):
             curve["iteration"].append(step)
             curve["train_loss"].append(running / count)
             curve["validation_error"].append(error_percent(model, splits.validation, device,
@@ -279,11 +317,13 @@ def train_cell(distortion: str, model_name: str, splits: Splits, config: STNConf
     train_s = time.perf_counter() - start
     record = {
         "distortion": distortion, "model": model_name, "fingerprint": config.fingerprint(model_name), "seed": seed,
-        "device": str(device), "parameters": count_parameters(model),
-        "validation_error": error_percent(model, splits.validation, device),
-        "test_error": error_percent(model, splits.test, device),
-        "train_seconds": train_s, "seconds_per_step": train_s / config.iterations, "curve": curve,
+        "device": str(device) if world == 1 else f"{device.type} × {world} processes (torchrun)",
+        "parameters": count_parameters(model), "train_seconds": train_s,
+        "seconds_per_step": train_s / config.iterations, "curve": curve,
     }
+    if rank == 0:
+        record["validation_error"] = error_percent(model, splits.validation, device)
+        record["test_error"] = error_percent(model, splits.test, device)
     return record, model
 
 
@@ -366,6 +406,8 @@ def _train_and_save(distortion: str, model_name: str, config: STNConfig, cells_d
     except FloatingPointError as error:
         log.error("%s", error)
         return None
+    if data_parallel()[0] != 0:  # rank 0 of a torchrun launch measures and writes
+        return None
     save_cell(cells_dir, record, model.cpu())
     log.info("%s %s: test error %.2f%% (validation %.2f%%) in %.0f s", distortion, model_name,
              record["test_error"], record["validation_error"], record["train_seconds"])
@@ -399,7 +441,8 @@ def run_cells(config: STNConfig, out_dir: Path, *, train: bool = True
     """Train every cell of ``config`` not already saved in ``out_dir/cells`` and return all records.
 
     With ``train=False`` nothing is trained: only the saved cells are returned (a report of a run cut short).
-    With ``config.workers > 1`` the cells left are trained in that many processes side by side.
+    With ``config.workers > 1`` the cells left are trained in that many processes side by side; under ``torchrun``
+    the processes train each cell together instead (``workers`` is ignored) and only rank 0 returns records.
 
     Returns:
         ``(records, splits)``: one record per cell in config order, and the data of each distortion.
@@ -417,9 +460,10 @@ def run_cells(config: STNConfig, out_dir: Path, *, train: bool = True
         else:
             todo.append((distortion, model_name))
     splits = {distortion: load_splits(distortion, config) for distortion, _ in _by_distortion(config.cells)}
-    if todo and config.workers > 1:
+    workers = config.workers if data_parallel()[1] == 1 else 1
+    if todo and workers > 1:
         records.update(_train_side_by_side(todo, config, cells_dir))
-    for distortion, model_name in todo if config.workers == 1 else ():
+    for distortion, model_name in todo if workers == 1 else ():
         record = _train_and_save(distortion, model_name, config, cells_dir, splits[distortion])
         if record is not None:
             records[(distortion, model_name)] = record
@@ -704,14 +748,17 @@ def targets_markdown(checks: Sequence[dict[str, Any]]) -> str:
                         markdown_table(["target", "status", "numbers"], rows)])
 
 
-def run(config: STNConfig, out_dir: Path, *, train: bool = True) -> Report:
+def run(config: STNConfig, out_dir: Path, *, train: bool = True) -> Report | None:
     """Train every cell of ``config`` (resuming from ``out_dir/cells``), then write figures and ``table1.json``.
 
-    With ``train=False`` the report covers the saved cells only and trains nothing (see :func:`main`).
+    With ``train=False`` the report covers the saved cells only and trains nothing (see :func:`main`). Under
+    ``torchrun`` only rank 0 writes and returns the report; the other ranks return ``None`` once trained.
     """
     out_dir = Path(out_dir)
     device = str(resolve_device(config.device))
     records, splits = run_cells(config, out_dir, train=train)
+    if data_parallel()[0] != 0:
+        return None
     if not records:
         raise ValueError(f"no cell of this configuration is saved in {out_dir / 'cells'}; nothing to report")
     tests = {d: s.test for d, s in splits.items()}
