@@ -10,10 +10,12 @@ from triptych.mips.reductions import (
     simple_lsh_items,
     simple_lsh_queries,
 )
+from triptych.mips.sharded import ShardedClusterIndex  # imports without Ray; Ray is needed to construct one
 
 __all__ = [
     "ClusterIndex",
     "SearchStats",
+    "ShardedClusterIndex",
     "SphericalKMeans",
     "l2_alsh_items",
     "l2_alsh_queries",
