@@ -42,8 +42,9 @@ $(VENV)/.bench-ready: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -e ".[bench]"
 	touch $@
 
+# The distributed extra (Ray) too: its tests start a local Ray cluster and run in the default suite.
 $(VENV)/.dev-ready: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -m pip install -e ".[dev,distributed]"
 	touch $@
 
 clean:
