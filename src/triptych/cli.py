@@ -25,7 +25,8 @@ def _reproduce(args: argparse.Namespace) -> int:
     scale = "paper" if args.paper_budget else ("full" if args.full else "quick")
     for paper in papers:
         out_dir = reproduce(paper, scale, args.out, args.seed, command=command_line())
-        print(f"{paper}: report written to {out_dir / 'report.md'}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{paper}: report written to {out_dir / 'report.md'}", file=sys.stderr)
     return 0
 
 

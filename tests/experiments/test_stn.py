@@ -44,7 +44,7 @@ def test_configs_cover_the_table_and_refuse_unknown_scales():
     assert paper.iterations == 150_000 and paper.batch_size == 256 and paper.cells == full.cells
     assert (paper.lr, paper.momentum, paper.schedule, paper.workers) == (0.01, 0.0, "step", 1)  # the paper's recipe
     assert full.iterations > quick.iterations and full.schedule == quick.schedule == "cosine"
-    same_recipe = {"scale", "cells", "iterations", "eval_every", "workers"}
+    same_recipe = {"scale", "cells", "iterations", "eval_every", "workers", "loc_lr_factor"}
     assert {k: v for k, v in dataclasses.asdict(full).items() if k not in same_recipe} == {
         k: v for k, v in dataclasses.asdict(quick).items() if k not in same_recipe}
     assert quick.cells == tuple(c for c in full.cells if c in quick.cells)  # quick's cells are full's RTS cells

@@ -69,14 +69,16 @@ PAPER_ERRORS: dict[str, dict[str, float]] = {
 }
 PAPER_ERRORS_ORDER = tuple(PAPER_ERRORS)
 PAPER_ITERATIONS = 150_000
-# The CPU budget, chosen on validation error: batch 64 with momentum beats the paper's batch 256 by a wide margin at
-# so few epochs; a cosine decay beats ÷10 at 1/3 and 2/3 (RTS ST-CNN Aff at 800 steps: 7.3% against 14%). The
-# localisation net learns at ×0.03: at ×0.3 TC ST-CNN Aff collapsed to chance within 750 of 3000 steps; after
-# 1200 of 3000 steps ×0.03 led ×0.1 on TC (9.7% against 10.8%) and RTS (6.7% against 7.5%).
-# ``full`` trains 3000 steps (~3.4 epochs) per cell, about an hour for the 26 cells on 2 idle cores.
+# The CPU budgets, chosen on validation error: batch 64 with momentum beats the paper's batch 256 by a wide margin at
+# so few epochs; a cosine decay beats ÷10 at 1/3 and 2/3 (RTS ST-CNN Aff at 800 steps: 7.3% against 14%). How fast
+# the localisation net may learn depends on how long the rate stays high. ``quick`` (800 steps, RTS only): ×0.3
+# (RTS ST-CNN Aff 6.6% against 7.3% at ×0.1 and 12.9% at ×0.03). ``full`` (3000 steps, ~3.5 epochs per cell, about
+# half an hour for the 26 cells on 2 idle cores): ×0.03, since at ×0.3 TC ST-CNN Aff collapsed to chance within 750
+# steps, and after 1200 steps ×0.03 led ×0.1 on TC (9.7% against 10.8%) and RTS (6.7% against 7.5%).
 REDUCED_RECIPE: dict[str, Any] = {"batch_size": 64, "lr": 0.05, "momentum": 0.9, "schedule": "cosine",
-                                  "loc_lr_factor": 0.03, "validation_size": 5_000, "curve_validation_size": 1_000}
-REDUCED_ITERATIONS = {"quick": 800, "full": 3_000}
+                                  "validation_size": 5_000, "curve_validation_size": 1_000}
+REDUCED_SCALES: dict[str, dict[str, Any]] = {"quick": {"iterations": 800, "loc_lr_factor": 0.3},
+                                             "full": {"iterations": 3_000, "loc_lr_factor": 0.03}}
 _FINGERPRINT_FIELDS = ("seed", "iterations", "batch_size", "lr", "momentum", "schedule", "loc_lr_factor",
                        "lr_drops", "validation_size", "test_size")
 SCHEDULES = ("cosine", "step")
@@ -149,9 +151,10 @@ def table_cells() -> tuple[tuple[str, str], ...]:
 def make_config(scale: str, seed: int = 0) -> STNConfig:
     """The configuration of ``triptych reproduce stn`` at ``scale``.
 
-    ``quick`` and ``full`` share :data:`REDUCED_RECIPE` and differ in cells and steps. Both train one cell per torch
-    thread side by side (small convolutions use one thread better than two). ``paper`` is the paper's schedule and
-    recipe (150k steps of 256, lr 0.01, plain SGD, ÷10 every 50k steps), one cell at a time.
+    ``quick`` and ``full`` share :data:`REDUCED_RECIPE` and differ in cells, steps and the localisation net's rate
+    (:data:`REDUCED_SCALES`). Both train one cell per torch thread side by side (small convolutions use one thread
+    better than two). ``paper`` is the paper's schedule and recipe (150k steps of 256, lr 0.01, plain SGD, ÷10
+    every 50k steps), one cell at a time.
     """
     check_choice("scale", scale, ("quick", "full", "paper"))
     seed = check_int("seed", seed, low=0)
@@ -160,9 +163,9 @@ def make_config(scale: str, seed: int = 0) -> STNConfig:
                          lr=0.01, momentum=0.0, schedule="step", loc_lr_factor=0.1, validation_size=10_000,
                          eval_every=5_000, curve_validation_size=10_000)
     cells = (("RTS", "CNN"), ("RTS", "ST-CNN Aff")) if scale == "quick" else table_cells()
-    iterations = REDUCED_ITERATIONS[scale]
-    return STNConfig(scale=scale, seed=seed, cells=cells, iterations=iterations, eval_every=iterations // 8,
-                     workers=max(1, min(torch.get_num_threads(), len(cells))), **REDUCED_RECIPE)
+    budget = REDUCED_SCALES[scale]
+    return STNConfig(scale=scale, seed=seed, cells=cells, eval_every=budget["iterations"] // 8,
+                     workers=max(1, min(torch.get_num_threads(), len(cells))), **budget, **REDUCED_RECIPE)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -735,10 +738,12 @@ def recipe_note(config: STNConfig) -> str:
             "the ordering of models within a column. The recipe was chosen on validation error: batch "
             "64 with momentum gave a much lower error than the paper's batch 256 for the same number of epochs, a "
             "cosine decay beat the paper's ÷10 at 1/3 and 2/3 of the budget (RTS ST-CNN Aff at 800 steps: 7.3% "
-            f"against 14%), and the localisation network trains at ×{config.loc_lr_factor} the learning rate (at "
-            "×0.3, TC ST-CNN Aff collapsed to chance within 750 of 3000 steps; ×0.1 trailed ×0.03 on TC and RTS "
-            "after 1200 steps). With momentum 0.9 the effective step is 10× the learning rate, so these rates are "
-            "larger than the paper's. No weight decay or dropout, as in the paper. Run `triptych reproduce stn "
+            f"against 14%), and the localisation network trains at ×{config.loc_lr_factor} the learning rate. How "
+            "fast it may learn depends on how long the rate stays high: at 800 steps ×0.3 was best on RTS (6.6% "
+            "against 7.3% at ×0.1 and 12.9% at ×0.03), while over 3000 steps ×0.3 collapsed TC ST-CNN Aff to chance "
+            "within 750 steps and ×0.1 trailed ×0.03 on TC and RTS after 1200 steps. With momentum 0.9 the "
+            "effective step is 10× the learning rate, so these rates are larger than the paper's. No weight decay or "
+            "dropout, as in the paper. Run `triptych reproduce stn "
             "--paper-budget` on a GPU for the paper's own recipe.")
 
 
