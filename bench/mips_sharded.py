@@ -243,6 +243,13 @@ def extrapolate(rates: dict[str, Any], n_items: int, dim: int, scale: int,
 # Report
 
 
+def _busy_warning(meta: dict[str, Any]) -> str:
+    """A warning when another job was using the cores as the run started (1-minute load average ≥ 1)."""
+    if meta["load_before"][0] < 1.0:
+        return ""
+    return ": **the machine was busy** (another job used the cores), so absolute numbers and ratios are noisy"
+
+
 def _mib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
@@ -300,9 +307,9 @@ def write_outputs(runs: list[dict[str, Any]], rates: dict[str, Any], estimates: 
         "- build s is train + add; for the sharded rows it includes starting the actors (one Python process each, "
         "importing torch), as does load s",
         f"- machine: {env['machine']['cpu']} ({env['machine']['cpu_count']} logical CPUs), load average "
-        f"{meta['load_before'][0]:.1f} before and {meta['load_after'][0]:.1f} after the run: **the machine was "
-        "busy** (another job used the cores), so absolute numbers and ratios are noisy; git commit "
-        f"`{env['git_commit']}`; date {env['date']}",
+        f"{meta['load_before'][0]:.1f} before and {meta['load_after'][0]:.1f} after the run (the run itself keeps "
+        f"up to {meta['threads']} threads busy){_busy_warning(meta)}; git commit `{env['git_commit']}`; date "
+        f"{env['date']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in {**env["versions"], "ray": ray.__version__}.items()),
         "- candidates and dot products per query are summed over the shards (counted on the first "
         f"{COST_QUERIES} queries); leaves, files and memory are measured, not estimated",
@@ -324,7 +331,8 @@ def write_outputs(runs: list[dict[str, Any]], rates: dict[str, Any], estimates: 
     first = estimates[0]
     extrapolation = "\n\n".join([
         "## Extrapolation to 100M vectors (an estimate, not a measurement)",
-        "Computed by `extrapolate()` in the script from the runs above, on this busy 2-core machine:", rate_lines,
+        f"Computed by `extrapolate()` in the script from the runs above, on this {env['machine']['cpu_count']}-core "
+        "machine:", rate_lines,
         f"Assumed layout: nodes of {NODE_CORES} cores and {NODE_MEMORY_GIB} GiB, {THREADS_PER_SHARD} threads per "
         f"shard ({NODE_CORES // THREADS_PER_SHARD} shards per node); the fewest full nodes whose shards fit in "
         f"{MEMORY_HEADROOM:.0%} of the memory at their build peak, then {' and '.join(map(str, SCALES[1:]))} "
