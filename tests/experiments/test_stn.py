@@ -53,37 +53,54 @@ def test_configs_cover_the_table_and_refuse_unknown_scales():
         stn.make_config("huge")
 
 
-def test_optimizer_gives_the_localisation_net_its_own_rate_and_drops_by_ten():
+def _rates(optimizers, schedulers, steps):
+    """The learning rate of every optimiser at each of ``steps`` steps."""
+    rates = []
+    for _ in range(steps):
+        rates.append([optimizer.param_groups[0]["lr"] for optimizer in optimizers])
+        for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+            optimizer.step()
+            scheduler.step()
+    return rates
+
+
+def test_optimizers_give_the_localisation_net_its_own_rate_and_drop_by_ten():
     torch.manual_seed(0)
     model = stn.new_model("ST-FCN Aff", "R", seed=0)
-    config = _tiny_config(iterations=9, lr=0.1, loc_lr_factor=0.25)
-    optimizer, scheduler = stn.make_optimizer(model, config)
-    main, loc = optimizer.param_groups
-    assert {id(p) for p in loc["params"]} == {id(p) for p in model.transformer.parameters()}
-    assert len(main["params"]) + len(loc["params"]) == len(list(model.parameters()))
-    rates = []
-    for _ in range(9):
-        rates.append((main["lr"], loc["lr"]))
-        optimizer.step()
-        scheduler.step()
-    assert rates[0] == pytest.approx((0.1, 0.025))
-    assert rates[3] == pytest.approx((0.01, 0.0025)) and rates[2] == pytest.approx((0.1, 0.025))
-    assert rates[6] == pytest.approx((0.001, 0.00025)) and rates[5] == pytest.approx((0.01, 0.0025))
+    optimizers, schedulers = stn.make_optimizers(model, _tiny_config(iterations=9, lr=0.1, loc_lr_factor=0.25))
+    main, loc = (optimizer.param_groups[0]["params"] for optimizer in optimizers)
+    assert {id(p) for p in loc} == {id(p) for p in model.transformer.parameters()}
+    assert len(main) + len(loc) == len(list(model.parameters()))
+    assert all(isinstance(optimizer, torch.optim.SGD) for optimizer in optimizers)
+    rates = _rates(optimizers, schedulers, 9)
+    assert rates[0] == pytest.approx([0.1, 0.025])
+    assert rates[3] == pytest.approx([0.01, 0.0025]) and rates[2] == pytest.approx([0.1, 0.025])
+    assert rates[6] == pytest.approx([0.001, 0.00025]) and rates[5] == pytest.approx([0.01, 0.0025])
 
 
-def test_cosine_schedule_decays_both_groups_to_zero_over_the_budget():
+def test_cosine_schedule_decays_both_optimizers_to_zero_over_the_budget():
     model = stn.new_model("ST-FCN Aff", "R", seed=0)
-    optimizer, scheduler = stn.make_optimizer(model, _tiny_config(iterations=8, lr=0.1, loc_lr_factor=0.5,
-                                                                  schedule="cosine"))
-    rates = []
-    for _ in range(9):
-        rates.append([group["lr"] for group in optimizer.param_groups])
-        optimizer.step()
-        scheduler.step()
+    rates = _rates(*stn.make_optimizers(model, _tiny_config(iterations=8, lr=0.1, loc_lr_factor=0.5,
+                                                            schedule="cosine")), 9)
     assert rates[0] == pytest.approx([0.1, 0.05])
     assert rates[4] == pytest.approx([0.05, 0.025])  # half way: half the rate
     assert rates[2] == pytest.approx([0.1 * (1 + 2 ** -0.5) / 2, 0.05 * (1 + 2 ** -0.5) / 2])
     assert rates[8] == pytest.approx([0.0, 0.0], abs=1e-12)
+
+
+def test_adam_trains_only_the_transformer_and_plain_models_get_one_sgd():
+    config = _tiny_config(lr=0.1, loc_lr_factor=0.02, loc_optimizer="adam")
+    model = stn.new_model("ST-FCN Aff", "R", seed=0)
+    (main, loc), _ = stn.make_optimizers(model, config)
+    assert isinstance(main, torch.optim.SGD) and main.param_groups[0]["momentum"] == config.momentum
+    assert isinstance(loc, torch.optim.Adam) and loc.param_groups[0]["lr"] == pytest.approx(0.002)
+    assert {id(p) for p in loc.param_groups[0]["params"]} == {id(p) for p in model.transformer.parameters()}
+    optimizers, _ = stn.make_optimizers(stn.new_model("CNN", "R", seed=0), config)
+    assert len(optimizers) == 1 and isinstance(optimizers[0], torch.optim.SGD)
+    assert "loc_optimizer" not in config.fingerprint("CNN")
+    assert config.fingerprint("ST-CNN Aff")["loc_optimizer"] == "adam"
+    with pytest.raises(ValueError, match="loc_optimizer must be one of"):
+        _tiny_config(loc_optimizer="rmsprop")
 
 
 def test_config_refuses_unknown_schedules_and_fingerprints_only_what_a_cell_depends_on():
