@@ -3,8 +3,9 @@
 Part 1 times forward + backward (gradients to the image and to the transform parameters) of one warp, grid
 generation included, for each transform family: triptych (``*_grid`` + ``sample``) against kornia's equivalent
 (``warp_affine``, ``warp_perspective``, ``get_tps_transform`` + ``warp_image_tps``) and, for the affine family,
-plain ``F.affine_grid`` + ``F.grid_sample``. Part 2 times one SGD step (forward, cross-entropy, backward, update)
-of every distorted-MNIST model, ST models against the plain model of their family at the same input size.
+plain ``F.affine_grid`` + ``F.grid_sample``. Part 2 times one training step (forward, cross-entropy, backward, the
+updates of ``triptych reproduce stn --full``'s optimisers: SGD with momentum, and Adam for a localisation net) of
+every distorted-MNIST model, ST models against the plain model of their family at the same input size.
 
 Contestants run interleaved (their order rotates every repeat) and each reports the median over repeats; the
 tables give ratios, which survive a noisy shared machine better than absolute times. Targets: every family at least
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from triptych._io import atomic_write_text
 from triptych.experiments.report import command_line, environment, markdown_table, provenance_markdown, to_json
+from triptych.experiments.stn import make_config, make_optimizers
 from triptych.spatial import (
     affine_grid,
     attention_grid,
@@ -165,18 +167,20 @@ def warp_contestants(batch: int, size: int) -> dict[str, dict[str, Callable[[], 
 # --------------------------------------------------------------------------------------------------------------
 
 def step_contestants(batch: int, input_size: int, names: list[str]) -> dict[str, Callable[[], object]]:
-    """{model name: one SGD step on a fixed random batch}."""
+    """{model name: one training step of the ``--full`` recipe on a fixed random batch}."""
     images = torch.rand(batch, 1, input_size, input_size)
     labels = torch.randint(0, 10, (batch,))
     contestants = {}
     for name in names:
         model = build_model(name, input_size)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        optimizers, _ = make_optimizers(model, make_config("full"))
 
-        def step(model=model, optimizer=optimizer):
-            optimizer.zero_grad(set_to_none=True)
+        def step(model=model, optimizers=optimizers):
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(images), labels).backward()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.step()
         contestants[name] = step
     return contestants
 
@@ -247,7 +251,8 @@ def write(out: Path, results: dict, command: str, config: dict, env: dict, args:
         "targets; triptych precomputes what depends only on the control lattice.\n" + kornia_note + "\n" +
         markdown_table(["family", "triptych ms", "kornia ms", "torch ms", "kornia / triptych", "target met"],
                        warp_rows),
-        f"## Training step: SGD, cross-entropy, batch {args.batch}\n\n"
+        f"## Training step of the `--full` recipe, cross-entropy, batch {args.batch}\n\n"
+        "SGD with momentum for the classifier, Adam for the localisation net (`make_optimizers`). "
         "Ratio = model time / plain model time of the family at the same input size "
         f"(target for ST-CNN <= {STEP_TARGET}). At 42 and 60 the ST models classify the 2x average-pooled "
         "transformer output, so they can be faster than the plain model.\n\n" +
