@@ -5,6 +5,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -91,6 +92,23 @@ def _assert_same(result, expected):
     np.testing.assert_array_equal(result[1], expected[1])
     np.testing.assert_array_equal(result[0], expected[0])
     assert result[0].dtype == np.float32 and result[1].dtype == np.int64
+
+
+def _kill(actor, timeout_s: float = 60.0) -> None:
+    """Kill a shard actor and let Ray restart it; return once the restarted (empty, version 0) actor answers.
+
+    ``ray.kill`` returns before the old process is gone, so without the wait the next call may still reach it.
+    """
+    ray.kill(actor, no_restart=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.version.remote(), timeout=timeout_s) == 0:
+                return
+        except ray.exceptions.RayError:  # dead or restarting
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"the killed actor did not come back within {timeout_s} s")
 
 
 def _recoveries(caplog) -> int:
@@ -197,7 +215,7 @@ def test_killed_actor_loses_no_query(sharded, saved, data, caplog):
         caplog.set_level(logging.WARNING, logger="triptych.mips.sharded")
         for step, batch in enumerate(batches):
             if step == 3:
-                ray.kill(index.actors[1], no_restart=False)
+                _kill(index.actors[1])
             _assert_same(index.search(batch, K), expected[step])
         assert _recoveries(caplog) == 1
         assert index.shard_stats()[1]["pid"] != pid
@@ -208,7 +226,7 @@ def test_killed_actor_loses_no_query(sharded, saved, data, caplog):
 def test_restart_restores_the_saved_state_never_a_stale_one(saved, local_shards, data):
     index = ShardedClusterIndex.load(saved, **ACTOR)
     try:
-        ray.kill(index.actors[1], no_restart=False)
+        _kill(index.actors[1])
         extra = data.items[:301] * 1.5
         index.add(extra)  # shard 1 is restored from the save (the index's current state), then adds its part
         assert index.ntotal == N_ITEMS + 301
@@ -218,7 +236,7 @@ def test_restart_restores_the_saved_state_never_a_stale_one(saved, local_shards,
             shards[i].add(extra[rows - N_ITEMS])
             id_maps[i] = np.concatenate([id_maps[i], rows])
         _assert_same(index.search(data.queries, K), _reference(shards, id_maps, data.queries))
-        ray.kill(index.actors[0], no_restart=False)  # the save now lacks the add
+        _kill(index.actors[0])  # the save now lacks the add
         with pytest.raises(RuntimeError, match="shard 0 lost changes made after the last save"):
             index.search(data.queries, K)
         with pytest.raises(RuntimeError, match="shard 0 lost changes"):  # and it stays refused
@@ -233,7 +251,7 @@ def test_death_before_any_save_raises_until_retrained(ray_cluster, data):
     try:
         with pytest.raises(ValueError, match="save needs a directory"):
             index.save()
-        ray.kill(index.actors[1], no_restart=False)
+        _kill(index.actors[1])
         with pytest.raises(RuntimeError, match="shard 1 died .* never saved"):
             index.search(data.queries, K)
         with pytest.raises(RuntimeError, match="shard 1 died .* never saved"):
