@@ -175,10 +175,11 @@ def step_contestants(batch: int, input_size: int, names: list[str]) -> dict[str,
     """
     images = torch.rand(batch, 1, input_size, input_size)
     labels = torch.randint(0, 10, (batch,))
+    recipe = make_config("full")
     contestants = {}
     for name in names:
         model = build_model(name.removesuffix(INPUT_GRAD), input_size)
-        optimizers, _ = make_optimizers(model, make_config("full"))
+        optimizers, _ = make_optimizers(model, recipe)
         inputs = images.clone().requires_grad_(name.endswith(INPUT_GRAD))
 
         def step(model=model, optimizers=optimizers, inputs=inputs):
